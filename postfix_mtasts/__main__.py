@@ -1,0 +1,3 @@
+from postfix_mtasts.cli import main
+
+raise SystemExit(main())

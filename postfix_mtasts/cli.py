@@ -1,0 +1,307 @@
+"""The ``postfix-mtasts`` command: ``serve``, ``query`` and ``check-config``.
+
+Heavy modules (dnspython, requests, asyncio) are imported inside the subcommand that needs them, so
+that ``query --socketmap`` and ``--help`` start quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from postfix_mtasts import __version__
+
+if TYPE_CHECKING:
+    from postfix_mtasts.config import Config
+    from postfix_mtasts.mtasts import Result
+
+# Exit statuses of `query`, in order of severity; several domains exit with the worst.
+EXIT_POLICY = 0
+EXIT_NO_POLICY = 1
+EXIT_TEMPORARY = 2
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="TOML configuration file (default: /etc/postfix-mtasts/config.toml if it exists)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="postfix-mtasts",
+        description="MTA-STS (RFC 8461) policy table for Postfix, over the socketmap protocol.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    query = commands.add_parser(
+        "query",
+        help="look up the MTA-STS policy of domains, or ask a running daemon",
+        description=(
+            "Look up each DOMAIN directly (DNS and HTTPS, no daemon and no cache) and print the "
+            "TXT record, the policy and the answer the daemon would give Postfix. With "
+            "--socketmap, send each KEY (or each line of standard input) to a running daemon "
+            "instead and print its raw replies. Exit status: 0 a policy was found, 1 no policy, "
+            "2 a temporary or usage error; with several domains, the worst. With --socketmap, as "
+            "postmap -q: 0 when a key was found (OK), 1 otherwise or on any query error."
+        ),
+    )
+    _add_config_option(query)
+    query.add_argument("--json", action="store_true", help="print one JSON object per domain")
+    query.add_argument(
+        "--map",
+        metavar="NAME",
+        default="postfix",
+        help="the socketmap name whose profile answers (default: postfix)",
+    )
+    query.add_argument(
+        "--socketmap",
+        metavar="ENDPOINT",
+        help="ask the daemon at ENDPOINT (inet:HOST:PORT or unix:PATH) instead of looking up",
+    )
+    query.add_argument(
+        "--nameserver",
+        action="append",
+        metavar="HOST[:PORT]",
+        help="DNS server to ask (repeatable; overrides dns.nameservers)",
+    )
+    query.add_argument("--dns-timeout", type=float, metavar="SECONDS", help="per-query DNS timeout")
+    query.add_argument("--ca-file", metavar="PEM", help="CA certificates for the policy fetch")
+    query.add_argument(
+        "--https-timeout", type=float, metavar="SECONDS", help="total deadline of the policy fetch"
+    )
+    query.add_argument(
+        "--allow-private-addresses",
+        action="store_true",
+        default=None,
+        help="allow policy hosts on loopback and private addresses (for tests)",
+    )
+    query.add_argument("keys", nargs="*", metavar="DOMAIN", help="domains (or keys) to look up")
+    query.set_defaults(handler=_query)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the socketmap daemon",
+        description="Answer Postfix's smtp_tls_policy_maps lookups over the socketmap protocol.",
+    )
+    _add_config_option(serve)
+    serve.add_argument(
+        "--daemon",
+        action="store_true",
+        help="detach, write the pid file and drop privileges to server.user/server.group",
+    )
+    serve.add_argument("--pid-file", metavar="FILE", help="pid file with --daemon")
+    serve.set_defaults(handler=_serve)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a configuration file and print the effective settings",
+    )
+    _add_config_option(check)
+    check.set_defaults(handler=_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Any = args.handler
+    try:
+        return int(handler(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load_config(args: argparse.Namespace) -> Config | None:
+    from postfix_mtasts import config
+
+    try:
+        return config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"postfix-mtasts: {exc}", file=sys.stderr)
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# check-config
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from postfix_mtasts import config
+
+    settings = _load_config(args)
+    if settings is None:
+        return 2
+    sys.stdout.write(config.dump(settings))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _load_config(args)
+    if settings is None:
+        return 2
+    from postfix_mtasts import service
+
+    return service.run(
+        settings, config_path=args.config, detach=args.daemon, pid_file=args.pid_file
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# query
+
+
+def _query(args: argparse.Namespace) -> int:
+    if args.socketmap:
+        return _query_socketmap(args)
+    if not args.keys:
+        print("postfix-mtasts query: give at least one DOMAIN (or --socketmap)", file=sys.stderr)
+        return EXIT_TEMPORARY
+    settings = _load_config(args)
+    if settings is None:
+        return EXIT_TEMPORARY
+
+    from postfix_mtasts import mtasts, postfix
+    from postfix_mtasts.fetch import Fetcher
+    from postfix_mtasts.resolver import Resolver
+
+    dns = settings.dns
+    https = settings.https
+    try:
+        resolver = Resolver(
+            args.nameserver or dns.nameservers or None,
+            timeout=args.dns_timeout if args.dns_timeout is not None else dns.timeout,
+            lifetime=args.dns_timeout * 2 if args.dns_timeout is not None else dns.lifetime,
+        )
+    except ValueError as exc:
+        print(f"postfix-mtasts query: {exc}", file=sys.stderr)
+        return EXIT_TEMPORARY
+    fetcher = Fetcher(
+        resolver,
+        ca_file=args.ca_file or https.ca_file or None,
+        timeout=args.https_timeout if args.https_timeout is not None else https.timeout,
+        connect_timeout=min(
+            https.connect_timeout,
+            args.https_timeout if args.https_timeout is not None else https.timeout,
+        ),
+        allow_private_addresses=(
+            args.allow_private_addresses
+            if args.allow_private_addresses is not None
+            else https.allow_private_addresses
+        ),
+        proxies={"https": https.proxy} if https.proxy else None,
+    )
+    profile = settings.profile(args.map)
+    worst = EXIT_POLICY
+    for key in args.keys:
+        domain = postfix.policy_domain(key)
+        if domain is None:
+            # Keys the daemon answers at once without a lookup ([host], .parent, IP addresses).
+            status = _print_key_without_policy(key, args.json)
+        else:
+            result = mtasts.get(domain, resolver, fetcher)
+            answer = postfix.policy_reply(result.policy, profile)
+            status = _print_result(domain, result, answer, args.json)
+        worst = max(worst, status)
+    return worst
+
+
+def _print_key_without_policy(key: str, as_json: bool) -> int:
+    reason = "no MTA-STS policy applies to this key (not a policy domain)"
+    if as_json:
+        print(
+            json.dumps({"domain": None, "key": key, "error": None, "postfix_answer": "NOTFOUND "})
+        )
+    else:
+        print(f"{key}: {reason}\n  postfix answer: NOTFOUND ")
+    return EXIT_NO_POLICY
+
+
+def _result_status(result: Result) -> int:
+    from postfix_mtasts.mtasts import DNSError
+
+    if result.policy is not None:
+        return EXIT_POLICY
+    if isinstance(result.error, DNSError):
+        return EXIT_TEMPORARY
+    return EXIT_NO_POLICY
+
+
+def _print_result(domain: str, result: Result, answer: str, as_json: bool) -> int:
+    from postfix_mtasts import mtasts
+
+    status = _result_status(result)
+    if as_json:
+        record = result.record
+        policy = result.policy
+        error = result.error
+        print(
+            json.dumps(
+                {
+                    "domain": domain,
+                    "record": None
+                    if record is None
+                    else {
+                        "version": record.version,
+                        "id": record.id,
+                        "extensions": [list(e) for e in record.extensions],
+                    },
+                    "record_text": result.record_text,
+                    "policy": None
+                    if policy is None
+                    else {
+                        "version": policy.version,
+                        "mode": policy.mode.value,
+                        "mx": [str(mx) for mx in policy.mx],
+                        "max_age": policy.max_age,
+                        "extensions": [list(e) for e in policy.extensions],
+                    },
+                    "policy_text": result.policy_text,
+                    "error": None
+                    if error is None
+                    else {"type": type(error).__name__, "message": str(error)},
+                    "tls_report_failure": ""
+                    if error is None
+                    else mtasts.tls_report_failure_reason(error),
+                    "postfix_answer": answer,
+                }
+            )
+        )
+        return status
+
+    lines: list[str] = []
+    if result.policy is not None and result.record is not None:
+        policy = result.policy
+        record_id = result.record.id
+        lines.append(f"{domain}: {policy.mode} policy (id {record_id}, max_age {policy.max_age})")
+    elif result.record is not None:
+        lines.append(f"{domain}: MTA-STS record found, but no usable policy")
+    if result.record_text is not None:
+        lines.append(f"  record: {result.record_text}")
+    if result.policy_text is not None:
+        lines.append(f"  policy ({mtasts.policy_url(domain)}):")
+        lines.extend(f"    {line}" for line in result.policy_text.splitlines())
+    if lines:
+        lines.append(f"  postfix answer: {answer}")
+        print("\n".join(lines))
+    if result.error is not None:
+        print(str(result.error), file=sys.stderr)
+    return status
+
+
+def _query_socketmap(args: argparse.Namespace) -> int:
+    from postfix_mtasts import client
+
+    keys: Iterable[str] = args.keys or (line.rstrip("\r\n") for line in sys.stdin)
+    return client.run(args.socketmap, args.map, keys)

@@ -1,0 +1,474 @@
+"""The HTTPS GET of an MTA-STS policy (RFC 8461 §3.3), with requests, and nothing it does not need.
+
+A policy is fetched from ``https://mta-sts.<domain>/.well-known/mta-sts.txt``. What makes this more
+than ``requests.get(url)``:
+
+- The host name is looked up through our ``Resolver`` (the same nameservers as every other query),
+  never the system resolver, and the TCP connection goes to an address it found. SNI, certificate
+  verification and the ``Host`` header stay those of the host name.
+- Addresses that are not public (loopback, private, link-local, ...) are refused unless
+  ``allow_private_addresses`` is set: a policy domain must not make the daemon probe the
+  network it runs in.
+- The certificate must be valid for the host under the WebPKI: the CA file given, or the system's
+  store (not certifi's bundle); TLS 1.2 or newer (§3.3).
+- No redirects (§3.3: "MUST NOT follow"), only status 200, media type ``text/plain``.
+- Limits, named and enforced where bytes enter: at most ``max_size`` bytes are read (§3.3 suggests
+  64 KiB), and one deadline covers connecting, the TLS handshake, the headers and the body, so a
+  server that drips one byte a second cannot hold a thread past it.
+- No proxy and no CA bundle from the environment (``https_proxy``, ``REQUESTS_CA_BUNDLE``); a proxy
+  only when one is configured. No HTTP cache (§3.3) — requests keeps none.
+
+Every failure is a ``FetchError`` whose message names the URL and the cause in plain words.
+A ``Fetcher`` is safe to share between threads: each ``get`` builds its own session and TLS context.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import ssl
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import requests
+import requests.adapters
+import urllib3.exceptions
+import urllib3.response
+from requests.structures import CaseInsensitiveDict
+
+from postfix_mtasts import __version__
+from postfix_mtasts.resolver import DNSNotFound, DNSTemporaryError, Resolver
+
+__all__ = [
+    "MAX_POLICY_SIZE",
+    "POLICY_PATH",
+    "USER_AGENT",
+    "CertificateError",
+    "FetchError",
+    "Fetcher",
+    "HTTPStatusError",
+]
+
+POLICY_PATH = "/.well-known/mta-sts.txt"  # RFC 8461 §3.2
+MAX_POLICY_SIZE = 65536  # RFC 8461 §3.3: "a maximum of 64 KiB"
+USER_AGENT = f"postfix-mtasts/{__version__}"
+HTTPS_PORT = 443
+
+# Bytes asked of the socket per read while receiving the body; small enough that the deadline
+# and the size limit are checked often, large enough that a policy takes a read or two.
+_CHUNK_SIZE = 8192
+
+
+class FetchError(Exception):
+    """The policy body could not be fetched; the message names the URL and the cause."""
+
+
+class HTTPStatusError(FetchError):
+    """The server answered with a status other than 200 (a 3xx is not followed: RFC 8461 §3.3)."""
+
+    def __init__(self, message: str, status: int, location: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.location = location
+
+
+class CertificateError(FetchError):
+    """The server's certificate is not valid for the host (expired, other name, unknown CA)."""
+
+
+# --- One deadline for every socket operation -------------------------------------------------
+#
+# requests and urllib3 only know per-operation timeouts: each recv() may wait that long again, so
+# a server sending one byte a second never trips a 10 s read timeout. The TLS socket class of our
+# SSLContext (``SSLContext.sslsocket_class``, a documented extension point of the ssl module) sets
+# each handshake step, read and write's timeout to what is left until the deadline, and fails at
+# once when nothing is left. Headers and body both go through those reads, so the deadline holds
+# whatever the server does. The TCP connect itself is bounded by the connect timeout, which is
+# never more than what is left either.
+
+
+class _DeadlineSSLContext(ssl.SSLContext):
+    """An SSLContext for one fetch, whose sockets stop at ``deadline`` (time.monotonic())."""
+
+    deadline: float = math.inf
+
+
+class _DeadlineSSLSocket(ssl.SSLSocket):
+    def _limit_to_deadline(self) -> None:
+        context = self.context
+        if not isinstance(context, _DeadlineSSLContext):
+            return
+        remaining = context.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("deadline reached")
+        current = self.gettimeout()
+        if current is None or current > remaining:
+            self.settimeout(remaining)
+
+    def do_handshake(self, block: bool = False) -> None:
+        self._limit_to_deadline()
+        super().do_handshake(block)
+
+    def read(self, len: int = 1024, buffer: Any = None) -> bytes:  # the base class's names
+        self._limit_to_deadline()
+        return super().read(len, buffer)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._limit_to_deadline()
+        return super().send(data, flags)
+
+
+_DeadlineSSLContext.sslsocket_class = _DeadlineSSLSocket
+
+
+# --- Connecting to the address we resolved ---------------------------------------------------
+#
+# The request goes to a URL naming the IP address (https://192.0.2.1/...), so urllib3 dials exactly
+# that address and never consults the system resolver. The urllib3 pool option ``server_hostname``
+# makes the TLS layer send SNI for, and verify the certificate against, the host name instead
+# (ssl's own check_hostname, so failures are ordinary ssl.SSLCertVerificationError), and the
+# ``Host`` header is set to the host name. All of this is public API: urllib3's documented pool
+# arguments and requests' HTTPAdapter subclassing hooks, rather than overriding urllib3's private
+# connection methods (``_new_conn``, ``_dns_host``), which change between releases. Through a
+# configured proxy the same holds: the proxy is asked to CONNECT to the address we resolved.
+
+
+class _PinnedHostAdapter(requests.adapters.HTTPAdapter):
+    """Sends requests addressed to an IP, with SNI and certificate check for ``server_hostname``."""
+
+    def __init__(self, server_hostname: str, ssl_context: ssl.SSLContext) -> None:
+        self._tls_options: dict[str, Any] = {
+            "server_hostname": server_hostname,
+            "ssl_context": ssl_context,
+        }
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs, **self._tls_options)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        return super().proxy_manager_for(proxy, **proxy_kwargs, **self._tls_options)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        # requests would load certifi's bundle into the connection (verify=True means "its
+        # default CAs"); the trust anchors are already in our SSLContext, and nothing else.
+        conn.cert_reqs = "CERT_REQUIRED"
+        conn.ca_certs = None
+        conn.ca_cert_dir = None
+
+
+class _ConnectFailed(Exception):
+    """The TCP connection to one address could not be made; the next address may work."""
+
+    def __init__(self, address: str, cause: str) -> None:
+        super().__init__(f"{address} ({cause})")
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception behind it: chained ones, urllib3's ``reason`` and exceptions
+    passed as arguments (requests wraps urllib3's errors that way)."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        reason = getattr(current, "reason", None)
+        if isinstance(reason, BaseException):
+            pending.append(reason)
+        pending.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        if current.__cause__ is not None:
+            pending.append(current.__cause__)
+        if current.__context__ is not None:
+            pending.append(current.__context__)
+
+
+def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    return next((cause for cause in _causes(exc) if isinstance(cause, kind)), None)
+
+
+def _plain_cause(exc: BaseException) -> str:
+    """The most specific words available for a failure, e.g. "Connection refused"."""
+    for cause in _causes(exc):
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+    innermost = list(_causes(exc))[-1]
+    return str(innermost) or type(innermost).__name__
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # ::ffff:10.0.0.1 reaches 10.0.0.1.
+        address = address.ipv4_mapped
+    # is_global alone lets multicast through, hence the explicit list.
+    return address.is_global and not (
+        address.is_loopback
+        or address.is_private
+        or address.is_link_local
+        or address.is_reserved
+        or address.is_multicast
+        or address.is_unspecified
+    )
+
+
+class Fetcher:
+    """Fetches MTA-STS policies over HTTPS.
+
+    ``resolver`` finds the addresses of the policy host. ``ca_file``: PEM file of trust anchors,
+    default the system store. ``timeout``: the deadline for one fetch, from the first connection
+    attempt to the last byte. ``connect_timeout``: for one TCP connection and TLS handshake.
+    ``max_size``: the largest body accepted. ``allow_private_addresses``: allow loopback, private
+    and other non-public addresses (for tests and closed networks). ``port``: of the HTTPS server.
+    ``proxies``: a requests proxy map (``{"https": "http://proxy:3128"}``), keyed by scheme since
+    the request URL names an address; the environment's proxies are never used.
+
+    Raises ``ValueError`` for a CA file that cannot be read or limits that make no sense.
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        *,
+        ca_file: str | None = None,
+        timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        max_size: int = MAX_POLICY_SIZE,
+        allow_private_addresses: bool = False,
+        port: int = HTTPS_PORT,
+        proxies: Mapping[str, str] | None = None,
+    ) -> None:
+        if timeout <= 0 or connect_timeout <= 0:
+            raise ValueError(
+                f"timeouts must be positive (timeout {timeout}, connect {connect_timeout})"
+            )
+        if max_size < 0:
+            raise ValueError(f"max_size must not be negative ({max_size})")
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range 1-65535")
+        self._resolver = resolver
+        self._ca_data: str | None = None
+        if ca_file is not None:
+            try:
+                with open(ca_file, encoding="ascii") as pem:
+                    self._ca_data = pem.read()
+                # Fail now, at configuration time, rather than on every fetch.
+                ssl.create_default_context(cadata=self._ca_data)
+            except (OSError, UnicodeDecodeError, ssl.SSLError) as exc:
+                raise ValueError(f"CA file {ca_file}: {exc}") from exc
+        self.ca_file = ca_file
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.max_size = max_size
+        self.allow_private_addresses = allow_private_addresses
+        self.port = port
+        self._proxies = dict(proxies) if proxies else {}
+
+    def url(self, host: str, path: str = POLICY_PATH) -> str:
+        """The URL fetched for ``host``, as it appears in messages."""
+        if self.port == HTTPS_PORT:
+            return f"https://{host}{path}"
+        return f"https://{host}:{self.port}{path}"
+
+    def get(self, host: str, path: str = POLICY_PATH) -> bytes:
+        """Fetch ``https://host/path`` and return the body; raise ``FetchError`` (or its
+        ``HTTPStatusError`` and ``CertificateError`` kinds) when no policy body came."""
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with '/': {path!r}")
+        url = self.url(host, path)
+        try:
+            found = self._resolver.addresses(host)
+        except (DNSNotFound, DNSTemporaryError) as exc:
+            raise FetchError(f"{url}: {exc}") from exc
+        addresses = self._allowed_addresses(url, found)
+
+        deadline = time.monotonic() + self.timeout
+        context = self._ssl_context(deadline)
+        failures: list[_ConnectFailed] = []
+        for address in addresses:
+            if time.monotonic() >= deadline:
+                break
+            try:
+                return self._get_from(url, host, path, address, context, deadline)
+            except _ConnectFailed as exc:
+                # Only a failed TCP connection moves on to the next address: once a server has
+                # answered, its answer (a status, a certificate) is the answer.
+                failures.append(exc)
+        if time.monotonic() >= deadline:
+            raise FetchError(self._timed_out(url))
+        tried = ", ".join(str(failure) for failure in failures)
+        raise FetchError(f"{url}: cannot connect to {tried}") from failures[-1]
+
+    # -- steps of get() --------------------------------------------------------------------------
+
+    def _allowed_addresses(self, url: str, found: Sequence[str]) -> list[str]:
+        allowed: list[str] = []
+        refused: list[str] = []
+        for text in found:
+            try:
+                address = ipaddress.ip_address(text)
+            except ValueError as exc:
+                raise FetchError(f"{url}: resolver returned {text!r}, not an address") from exc
+            if self.allow_private_addresses or _is_public(address):
+                allowed.append(str(address))
+            else:
+                refused.append(str(address))
+        if not allowed:
+            which = (
+                f"address {refused[0]} is"
+                if len(refused) == 1
+                else (f"addresses {', '.join(refused)} are")
+            )
+            raise FetchError(f"{url}: {which} not public (set allow_private_addresses to allow)")
+        return allowed
+
+    def _ssl_context(self, deadline: float) -> _DeadlineSSLContext:
+        # PROTOCOL_TLS_CLIENT: certificate and host name verification on.
+        context = _DeadlineSSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8461 §3.3
+        if self._ca_data is not None:
+            context.load_verify_locations(cadata=self._ca_data)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        context.deadline = deadline
+        return context
+
+    def _timed_out(self, url: str) -> str:
+        return f"{url}: timed out: no answer within {float(self.timeout)}s"
+
+    def _get_from(
+        self,
+        url: str,
+        host: str,
+        path: str,
+        address: str,
+        context: _DeadlineSSLContext,
+        deadline: float,
+    ) -> bytes:
+        netloc = f"[{address}]" if ":" in address else address
+        host_header = host
+        if self.port != HTTPS_PORT:
+            netloc = f"{netloc}:{self.port}"
+            host_header = f"{host}:{self.port}"
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchError(self._timed_out(url))
+
+        with requests.Session() as session:
+            # Environment variables (https_proxy, REQUESTS_CA_BUNDLE, .netrc) must not change
+            # where or how a policy is fetched.
+            session.trust_env = False
+            session.headers = CaseInsensitiveDict(
+                {
+                    "User-Agent": USER_AGENT,
+                    "Host": host_header,
+                    # The size limit applies to the bytes on the wire: no compression.
+                    "Accept-Encoding": "identity",
+                    "Accept": "text/plain, */*;q=0.1",
+                    "Connection": "close",
+                }
+            )
+            session.mount("https://", _PinnedHostAdapter(host, context))
+            try:
+                response = session.get(
+                    f"https://{netloc}{path}",
+                    allow_redirects=False,  # RFC 8461 §3.3
+                    stream=True,
+                    timeout=(min(self.connect_timeout, remaining), remaining),
+                    proxies=self._proxies,
+                    verify=True,
+                )
+            except requests.RequestException as exc:
+                raise self._request_failed(url, address, exc, deadline) from exc
+            try:
+                self._check_response(url, response)
+                return self._read_body(url, response, deadline)
+            finally:
+                response.close()
+
+    def _request_failed(
+        self, url: str, address: str, exc: requests.RequestException, deadline: float
+    ) -> Exception:
+        verify_error = _find(exc, ssl.SSLCertVerificationError)
+        if isinstance(verify_error, ssl.SSLCertVerificationError):
+            reason = verify_error.verify_message or verify_error.reason or str(verify_error)
+            return CertificateError(f"{url}: certificate verify failed: {reason}")
+        connect_error = _find(exc, urllib3.exceptions.ConnectTimeoutError)
+        if connect_error is not None:
+            if isinstance(connect_error, urllib3.exceptions.NewConnectionError):
+                return _ConnectFailed(f"{address} port {self.port}", _plain_cause(exc).lower())
+            if time.monotonic() < deadline:
+                return _ConnectFailed(
+                    f"{address} port {self.port}", f"timed out after {self.connect_timeout}s"
+                )
+        if time.monotonic() >= deadline or _find(exc, TimeoutError) is not None:
+            if time.monotonic() >= deadline:
+                return FetchError(self._timed_out(url))
+            # Only the TLS handshake runs under the connect timeout rather than the deadline.
+            return FetchError(
+                f"{url}: timed out: TLS handshake with {address} not done within "
+                f"{float(self.connect_timeout)}s"
+            )
+        ssl_error = _find(exc, ssl.SSLError)
+        if ssl_error is not None:
+            return FetchError(f"{url}: TLS with {address} failed: {_plain_cause(ssl_error)}")
+        return FetchError(f"{url}: {_plain_cause(exc)}")
+
+    def _check_response(self, url: str, response: requests.Response) -> None:
+        status = response.status_code
+        if 300 <= status < 400:
+            # RFC 8461 §3.3: "HTTP 3xx redirects MUST NOT be followed".
+            location = response.headers.get("Location")
+            target = f" to {location}" if location else ""
+            raise HTTPStatusError(
+                f"{url}: redirect (HTTP {status}{target}) not followed", status, location
+            )
+        if status != 200:
+            # RFC 8461 §3.3: only "200 OK" carries a policy.
+            raise HTTPStatusError(f"{url}: HTTP {status}", status)
+        # RFC 8461 §3.3: the media type SHOULD be checked to be text/plain (parameters allowed).
+        content_type = response.headers.get("Content-Type", "")
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type != "text/plain":
+            found = f"media type {media_type}" if media_type else "no media type"
+            raise FetchError(f"{url}: {found}, expected text/plain")
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise FetchError(f"{url}: content encoding {encoding} was not asked for")
+        length = response.headers.get("Content-Length", "").strip()
+        if length.isascii() and length.isdigit() and int(length) > self.max_size:
+            # Refuse before reading a byte of a body announced as too large.
+            raise FetchError(f"{url}: policy larger than {self.max_size} bytes")
+
+    def _read_body(self, url: str, response: requests.Response, deadline: float) -> bytes:
+        raw: urllib3.response.BaseHTTPResponse = response.raw
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            if time.monotonic() >= deadline:
+                raise FetchError(
+                    f"{url}: timed out: policy incomplete after {float(self.timeout)}s "
+                    f"({received} bytes received)"
+                )
+            # Ask for no more than one byte past the limit: that byte is enough to know. read1
+            # returns what one read brought, so the clock and the limit are checked as bytes come.
+            wanted = min(_CHUNK_SIZE, self.max_size + 1 - received)
+            try:
+                chunk = raw.read1(wanted, decode_content=False)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                if time.monotonic() >= deadline or _find(exc, TimeoutError) is not None:
+                    raise FetchError(
+                        f"{url}: timed out: policy incomplete after {float(self.timeout)}s "
+                        f"({received} bytes received)"
+                    ) from exc
+                raise FetchError(f"{url}: body not received: {_plain_cause(exc)}") from exc
+            if not chunk:
+                return b"".join(chunks)
+            received += len(chunk)
+            if received > self.max_size:
+                raise FetchError(f"{url}: policy larger than {self.max_size} bytes")
+            chunks.append(chunk)

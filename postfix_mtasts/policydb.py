@@ -1,0 +1,472 @@
+"""The policy cache: RFC 8461 §3.3 and §5 semantics on top of a dumb store.
+
+MTA-STS is trust on first use: a policy, once fetched, must be applied until it expires, whatever
+DNS or HTTPS say in between, because an attacker who can block discovery can make a domain look
+unprotected. So this cache answers from what it holds whenever it may, and goes to the network only
+for a domain it has never seen, or in the background:
+
+- a cached, unexpired policy is answered at once; when its TXT record was last checked longer ago
+  than ``txt_check_interval``, the record is checked in the background, and a changed ``id`` fetches
+  the new policy (§3.3);
+- a policy is refetched before it expires (proactive refresh, §3.3, daily by default), and is never
+  used after ``fetched_at + max_age`` (§5); only a successful fetch extends its life;
+- a failed fetch keeps the cached policy and is not retried for five minutes (§3.3);
+- a fetched ``mode: none`` policy replaces whatever was cached (§8.3);
+- a domain without a record is remembered briefly, so it does not cost a TXT query per delivery;
+- concurrent askers for one domain share one lookup: one TXT query, one HTTPS GET.
+
+Everything here runs on the event loop, except the lookups themselves (dnspython and requests
+block), which run in a thread pool; their results come back to the loop. The hot path, a cached
+answer, is a dict look-up and two comparisons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from postfix_mtasts import mtasts
+from postfix_mtasts.mtasts import Mode, Policy
+from postfix_mtasts.store import Entry, Store, StoreError
+
+__all__ = ["CacheSettings", "Decision", "PolicyDB"]
+
+log = logging.getLogger("postfix_mtasts.policydb")
+
+# A temporary DNS failure is retried sooner than the RFC's five minutes for a failed fetch.
+DNS_RETRY_INTERVAL = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    txt_check_interval: float = 300.0
+    refresh_interval: float = 86400.0
+    unused_after: float = 30 * 86400.0
+    no_record_ttl: float = 300.0
+    fetch_retry_interval: float = 300.0
+    first_lookup_deadline: float = 30.0
+    maintenance_interval: float = 60.0
+    lookup_threads: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the cache says about one policy domain right now.
+
+    ``policy`` is the policy to apply, or ``None`` when the domain has no usable policy (no record,
+    failed discovery without a cached policy, expired). A ``mode: none`` policy is kept as such.
+    ``error`` is the last failure, for logs and the query tool; ``failure`` its RFC 8460 type.
+    """
+
+    domain: str
+    policy: Policy | None
+    policy_text: str | None = None
+    record_id: str | None = None
+    expires_at: float | None = None
+    error: str = ""
+    failure: str = ""
+
+
+class _Slot:
+    """The in-memory state of one domain: its entry, the decision derived from it, and until when
+    that decision may be answered without asking anyone."""
+
+    __slots__ = ("check_after", "decision", "entry", "pending", "valid_until")
+
+    def __init__(self, entry: Entry, decision: Decision, valid_until: float, check_after: float):
+        self.entry = entry
+        self.decision = decision
+        self.valid_until = valid_until
+        self.check_after = check_after
+        self.pending: asyncio.Future[tuple[Entry, Decision]] | None = None
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+class PolicyDB:
+    """The cache. ``lookup(domain)`` returns a ``Decision`` at once when it can, else a future.
+
+    ``resolver`` and ``fetcher`` are those of :mod:`postfix_mtasts.resolver` and
+    :mod:`postfix_mtasts.fetch`; ``store`` persists entries (see :mod:`postfix_mtasts.store`).
+    Create it and call every method from the event loop's thread.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        resolver: mtasts.TXTResolver,
+        fetcher: mtasts.PolicyFetcher,
+        settings: CacheSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.resolver = resolver
+        self.fetcher = fetcher
+        self.settings = settings or CacheSettings()
+        self._clock = clock
+        self._slots: dict[str, _Slot] = {}
+        self._used: dict[str, float] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.settings.lookup_threads, thread_name_prefix="lookup"
+        )
+        self._maintenance: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[tuple[Entry, Decision]]] = set()
+        # Counters for statistics and tests.
+        self.hits = 0
+        self.misses = 0
+        self.network_lookups = 0
+
+    # ---------------------------------------------------------------------------------------------
+    # The hot path.
+
+    def lookup(self, domain: str) -> Decision | asyncio.Future[Decision]:
+        """The decision for ``domain`` (a lowercase A-label policy domain)."""
+        now = self._clock()
+        slot = self._slots.get(domain)
+        if slot is not None and now < slot.valid_until:
+            self.hits += 1
+            self._used[domain] = now
+            if now >= slot.check_after and slot.pending is None:
+                self._start(domain, slot)
+            return slot.decision
+        self.misses += 1
+        self._used[domain] = now
+        job = slot.pending if slot is not None and slot.pending is not None else None
+        if job is None:
+            job = self._start(domain, slot)
+        return asyncio.ensure_future(self._first_answer(domain, job))
+
+    async def _first_answer(
+        self, domain: str, job: asyncio.Future[tuple[Entry, Decision]]
+    ) -> Decision:
+        deadline = self.settings.first_lookup_deadline
+        try:
+            _, decision = await asyncio.wait_for(asyncio.shield(job), deadline)
+        except TimeoutError:
+            # RFC 8461 §3.3: no policy known and none could be fetched in time: deliver as if the
+            # domain had no MTA-STS. The lookup goes on and its result serves the next asker.
+            log.warning(
+                "%s: first lookup still running after %.0fs; answering without MTA-STS for now",
+                domain,
+                deadline,
+            )
+            return Decision(domain, None, error=f"lookup still running after {deadline:.0f}s")
+        except Exception as exc:
+            log.error("%s: lookup failed unexpectedly: %s", domain, exc)
+            return Decision(domain, None, error=f"internal error: {exc}")
+        return decision
+
+    # ---------------------------------------------------------------------------------------------
+    # Lookups in the thread pool.
+
+    def _start(self, domain: str, slot: _Slot | None) -> asyncio.Future[tuple[Entry, Decision]]:
+        loop = asyncio.get_running_loop()
+        entry = slot.entry if slot is not None else None
+        cached = slot.decision.policy if slot is not None else None
+        job = loop.run_in_executor(self._pool, self._work, domain, entry, cached)
+        if slot is None:
+            # A placeholder slot holds the shared job until the first result arrives; it is never
+            # answered from (valid_until is 0).
+            placeholder = Entry(
+                domain=domain,
+                record_id=None,
+                policy_text=None,
+                fetched_at=None,
+                expires_at=None,
+                checked_at=None,
+                last_used=self._clock(),
+            )
+            slot = _Slot(placeholder, Decision(domain, None), 0.0, 0.0)
+            self._slots[domain] = slot
+        slot.pending = job
+        self._background.add(job)
+        job.add_done_callback(lambda done: self._finished(domain, done))
+        return job
+
+    def _finished(self, domain: str, job: asyncio.Future[tuple[Entry, Decision]]) -> None:
+        self._background.discard(job)
+        slot = self._slots.get(domain)
+        if slot is not None and slot.pending is job:
+            slot.pending = None
+        if job.cancelled():
+            return
+        exc = job.exception()
+        if exc is not None:
+            log.error("%s: lookup failed unexpectedly: %r", domain, exc)
+            if slot is not None and slot.valid_until == 0.0:
+                del self._slots[domain]
+            return
+        entry, decision = job.result()
+        self._install(entry, decision)
+
+    def _install(self, entry: Entry, decision: Decision) -> None:
+        valid_until, check_after = self._schedule(entry, decision)
+        slot = self._slots.get(entry.domain)
+        if slot is None:
+            self._slots[entry.domain] = _Slot(entry, decision, valid_until, check_after)
+        else:
+            slot.entry, slot.decision = entry, decision
+            slot.valid_until, slot.check_after = valid_until, check_after
+
+    def _schedule(self, entry: Entry, decision: Decision) -> tuple[float, float]:
+        """Until when ``decision`` may be answered, and from when to revalidate it."""
+        s = self.settings
+        if decision.policy is not None and entry.expires_at is not None:
+            checked = entry.checked_at or 0.0
+            fetched = entry.fetched_at or 0.0
+            # Refresh well before expiry: daily, or at half of a shorter max_age.
+            refresh_at = fetched + min(s.refresh_interval, decision.policy.max_age / 2)
+            check_after = min(checked + s.txt_check_interval, refresh_at)
+            check_after = max(check_after, entry.backoff_until)
+            return entry.expires_at, min(check_after, entry.expires_at)
+        return entry.backoff_until, entry.backoff_until
+
+    def _work(
+        self, domain: str, entry: Entry | None, cached: Policy | None
+    ) -> tuple[Entry, Decision]:
+        """In the thread pool: bring ``domain`` up to date, from the store or the network."""
+        now = self._clock()
+        if entry is None:
+            entry = self._load(domain)
+            if entry is not None:
+                cached = self._parse_cached(entry, now)
+                decision = self._decision(entry, cached)
+                valid_until, check_after = self._schedule(entry, decision)
+                if now < valid_until and now < check_after:
+                    # Fresh in the store (written before a restart, or by another daemon).
+                    return entry, decision
+        if cached is not None and entry is not None and (entry.expires_at or 0.0) <= now:
+            cached = None
+        started = time.monotonic()
+        self.network_lookups += 1
+        new_entry, decision, outcome = self._revalidate(domain, entry, cached, now)
+        new_entry = replace(new_entry, last_used=max(new_entry.last_used, now))
+        elapsed = (time.monotonic() - started) * 1000
+        log.info("%s: %s (%.0f ms)", domain, outcome, elapsed)
+        self._save(new_entry)
+        return new_entry, decision
+
+    def _revalidate(
+        self, domain: str, entry: Entry | None, cached: Policy | None, now: float
+    ) -> tuple[Entry, Decision, str]:
+        """RFC 8461 §3.3: check the TXT record, fetch the policy when it is new or due."""
+        s = self.settings
+        base = entry or Entry(
+            domain=domain,
+            record_id=None,
+            policy_text=None,
+            fetched_at=None,
+            expires_at=None,
+            checked_at=None,
+            last_used=now,
+        )
+        if cached is None and base.policy_text is not None:
+            # The stored policy expired: it must not be used any more (§5).
+            if base.expires_at is not None and base.expires_at <= now:
+                log.warning(
+                    "%s: cached policy expired at %s; looking it up again",
+                    domain,
+                    _when(base.expires_at),
+                )
+            base = replace(base, policy_text=None, fetched_at=None, expires_at=None)
+
+        try:
+            record, _ = mtasts.lookup_record(domain, self.resolver)
+        except mtasts.DNSError as exc:
+            retry = now + DNS_RETRY_INTERVAL
+            new = replace(base, last_error=str(exc), backoff_until=retry)
+            if cached is not None:
+                log.warning(
+                    "%s: %s; keeping the cached %s policy until %s",
+                    domain,
+                    exc.cause,
+                    cached.mode,
+                    _when(base.expires_at),
+                )
+                return new, self._decision(new, cached), f"DNS failed, kept cached policy: {exc}"
+            return new, self._decision(new, None), f"DNS failed: {exc.cause}"
+        except mtasts.MTASTSError as exc:
+            if cached is not None:
+                # §3.3: no live record, but an unexpired cached policy: it MUST still be applied.
+                log.warning(
+                    "%s: %s; keeping the cached %s policy until %s",
+                    domain,
+                    exc.cause,
+                    cached.mode,
+                    _when(base.expires_at),
+                )
+                new = replace(base, checked_at=now, last_error=str(exc))
+                return new, self._decision(new, cached), f"record gone, kept cached policy: {exc}"
+            new = replace(
+                base,
+                record_id=None,
+                checked_at=now,
+                last_error=str(exc),
+                backoff_until=now + s.no_record_ttl,
+            )
+            return new, self._decision(new, None), f"no policy: {exc.cause}"
+
+        due = (
+            cached is None
+            or record.id != base.record_id
+            or now >= (base.fetched_at or 0.0) + min(s.refresh_interval, cached.max_age / 2)
+        )
+        if not due:
+            new = replace(base, checked_at=now, last_error="", backoff_until=0.0)
+            return new, self._decision(new, cached), f"record id {record.id} unchanged"
+
+        try:
+            policy, text = mtasts.fetch_policy(domain, self.fetcher)
+        except mtasts.MTASTSError as exc:
+            # §3.3: after a failed fetch, at most one attempt per five minutes.
+            new = replace(
+                base,
+                checked_at=now,
+                last_error=str(exc),
+                backoff_until=now + s.fetch_retry_interval,
+            )
+            if cached is None:
+                new = replace(new, record_id=record.id)
+                failure = mtasts.tls_report_failure_reason(exc)
+                return new, self._decision(new, None, failure), f"{exc.what}: {exc.cause}"
+            log.warning(
+                "%s: policy refresh failed (%s); keeping the cached %s policy until %s",
+                domain,
+                exc.cause,
+                cached.mode,
+                _when(base.expires_at),
+            )
+            return new, self._decision(new, cached), f"refresh failed, kept cached: {exc.cause}"
+
+        new = replace(
+            base,
+            record_id=record.id,
+            policy_text=text,
+            fetched_at=now,
+            expires_at=now + policy.max_age,
+            checked_at=now,
+            last_error="",
+            backoff_until=0.0,
+        )
+        if policy.mode is Mode.NONE and cached is not None and cached.mode is not Mode.NONE:
+            # §8.3: a published "none" policy is how a domain withdraws MTA-STS.
+            log.info("%s: the domain withdrew its %s policy (mode: none)", domain, cached.mode)
+        return new, self._decision(new, policy), f"{policy.mode} policy, id {record.id}"
+
+    def _decision(self, entry: Entry, policy: Policy | None, failure: str = "") -> Decision:
+        return Decision(
+            domain=entry.domain,
+            policy=policy,
+            policy_text=entry.policy_text if policy is not None else None,
+            record_id=entry.record_id,
+            expires_at=entry.expires_at if policy is not None else None,
+            error=entry.last_error,
+            failure=failure,
+        )
+
+    def _parse_cached(self, entry: Entry, now: float) -> Policy | None:
+        if entry.policy_text is None or entry.expires_at is None or entry.expires_at <= now:
+            return None
+        try:
+            return mtasts.parse_policy(entry.policy_text, entry.domain)
+        except mtasts.PolicySyntaxError as exc:
+            log.warning("%s: cached policy no longer parses (%s); ignoring it", entry.domain, exc)
+            return None
+
+    # ---------------------------------------------------------------------------------------------
+    # The store. Its failures cost lookups, never answers.
+
+    def _load(self, domain: str) -> Entry | None:
+        try:
+            return self.store.get(domain)
+        except StoreError as exc:
+            log.error("%s: cannot read the cache (%s); looking it up instead", domain, exc)
+            return None
+
+    def _save(self, entry: Entry) -> None:
+        try:
+            self.store.put(entry)
+        except StoreError as exc:
+            log.error("%s: cannot write the cache (%s); keeping it in memory", entry.domain, exc)
+
+    # ---------------------------------------------------------------------------------------------
+    # Maintenance: last-used times, proactive refresh, removal of unused entries.
+
+    def start(self) -> None:
+        """Start the periodic maintenance task (call from the running loop)."""
+        if self._maintenance is None:
+            self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def close(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
+        await self.flush()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def flush(self) -> None:
+        """Write the last-used times gathered since the last flush to the store."""
+        if not self._used:
+            return
+        used, self._used = self._used, {}
+        for domain, when in used.items():
+            slot = self._slots.get(domain)
+            if slot is not None:
+                slot.entry = replace(slot.entry, last_used=when)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._pool, self.store.touch, used)
+        except StoreError as exc:
+            log.error("cannot record last-used times in the cache: %s", exc)
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.maintenance_interval)
+            try:
+                await self.maintain()
+            except Exception:
+                log.exception("cache maintenance failed")
+
+    async def maintain(self) -> None:
+        """One round of maintenance: flush last-used times, refresh policies that are due (even
+        for domains nobody asked for lately, so they never fall out of the cache), and remove
+        entries unused for ``unused_after`` seconds."""
+        await self.flush()
+        now = self._clock()
+        horizon = now - self.settings.unused_after
+        loop = asyncio.get_running_loop()
+        for domain, slot in list(self._slots.items()):
+            if slot.entry.last_used < horizon and self._used.get(domain, 0.0) < horizon:
+                if slot.pending is None:
+                    del self._slots[domain]
+            elif (
+                slot.pending is None
+                and slot.decision.policy is not None
+                and slot.valid_until > now
+                and now >= slot.check_after
+            ):
+                self._start(domain, slot)
+        try:
+            removed = await loop.run_in_executor(self._pool, self.store.purge_unused, horizon)
+        except StoreError as exc:
+            log.error("cannot remove unused entries from the cache: %s", exc)
+        else:
+            if removed:
+                log.info("removed %d cache entries unused since %s", removed, _when(horizon))
+
+    @property
+    def pending(self) -> int:
+        """Lookups under way (for statistics and graceful stop)."""
+        return len(self._background)

@@ -1,0 +1,97 @@
+"""Postfix's side of the table: lookup keys in, TLS policy strings out.
+
+Postfix asks ``smtp_tls_policy_maps`` with the next-hop destination exactly as it has it: the
+recipient domain in its original case, possibly internationalised, or a transport/relayhost nexthop
+such as ``[mx.example.org]:587`` or ``example.net:25``; after a miss it probes parent domains as
+``.example.com``. :func:`policy_domain` turns a key into the one MTA-STS policy domain it stands
+for, or ``None`` when no MTA-STS policy can apply, so such keys never cost a DNS query.
+
+:func:`policy_reply` turns an MTA-STS policy into the socketmap reply payload (TLS_README, "TLS
+policy table"). Every piece of text that reaches a reply is validated here, whatever produced it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from postfix_mtasts.config import Profile
+from postfix_mtasts.mtasts import Mode, Policy, is_hostname, to_alabel
+
+__all__ = [
+    "NOTFOUND",
+    "match_patterns",
+    "policy_domain",
+    "policy_reply",
+    "temp",
+]
+
+# socketmap_table(5): the status word, then a space, even when nothing follows.
+NOTFOUND = "NOTFOUND "
+
+
+def policy_domain(key: str) -> str | None:
+    """The policy domain a Postfix lookup key stands for; ``None`` when no MTA-STS policy applies.
+
+    ``None`` for parent-domain probes (``.example.com``: RFC 8461 §3.4, no inheritance), literal
+    next hops (``[host]``, ``[host]:port``: no MX lookup chose the host), IP addresses and anything
+    that is not a domain name. ``domain:port`` stands for ``domain``.
+    """
+    if not key or key[0] in ".[":
+        return None
+    host, colon, port = key.rpartition(":")
+    if colon:
+        if not port.isdigit() or not host or ":" in host:
+            # An IPv6 address, or a port that is not a number: not a domain.
+            return None
+        key = host
+    try:
+        ipaddress.ip_address(key)
+    except ValueError:
+        pass
+    else:
+        return None
+    try:
+        domain = to_alabel(key)
+    except ValueError:
+        return None
+    # A name with a single label (or none left after the dot) has no MTA-STS host to fetch from.
+    if "." not in domain:
+        return None
+    return domain
+
+
+def match_patterns(policy: Policy) -> list[str]:
+    """The ``match=`` list for a policy: its ``mx`` patterns in policy order, duplicates removed,
+    ``*.example.net`` written ``.example.net`` (Postfix's form for "a name below example.net")."""
+    patterns: list[str] = []
+    for mx in policy.mx:
+        # Parsed mx values are host names already; check again so that no other producer of a
+        # Policy can put text into the reply.
+        if not is_hostname(mx.domain):
+            continue
+        pattern = f".{mx.domain}" if mx.wildcard else mx.domain
+        if pattern not in patterns:
+            patterns.append(pattern)
+    return patterns
+
+
+def policy_reply(policy: Policy | None, profile: Profile) -> str:
+    """The socketmap reply payload for the usable policy of a domain (``None``: no policy)."""
+    if policy is None or policy.mode is Mode.NONE:
+        return NOTFOUND
+    if policy.mode is Mode.TESTING:
+        if profile.testing == "notfound":
+            return NOTFOUND
+        if profile.testing == "may":
+            return "OK may"
+    patterns = match_patterns(policy)
+    if not patterns:
+        # Never "match=" with an empty list: Postfix would reject the whole policy.
+        return NOTFOUND
+    return f"OK secure match={':'.join(patterns)} servername=hostname"
+
+
+def temp(reason: str) -> str:
+    """A ``TEMP`` reply: Postfix defers the delivery and tries again later. (The server's encoder
+    shortens the reason and makes it printable ASCII.)"""
+    return f"TEMP {reason}"

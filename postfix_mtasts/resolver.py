@@ -1,0 +1,296 @@
+"""DNS lookups for MTA-STS, through dnspython and the nameservers we were told to use.
+
+Every DNS question the project asks goes through one ``Resolver``: the ``_mta-sts`` TXT record
+(RFC 8461 §3.1), the address of the policy host (so that the HTTPS fetch never falls back to the
+system resolver), and, later, MX and TLSA records with the AD bit. The nameservers are explicit
+(``host``, ``host:port``, ``[v6]:port``) or those of /etc/resolv.conf, which lets a validating
+local resolver see every query and lets the tests run a real DNS server on loopback.
+
+Answers fall into two kinds, because callers must treat them differently (RFC 8461 §3.1, §5):
+
+- ``DNSNotFound``: the name or the record type does not exist (NXDOMAIN, or NODATA). This is an
+  answer: the domain has no such record.
+- ``DNSTemporaryError``: no usable answer came (SERVFAIL, REFUSED, a timeout, a malformed reply).
+  Nothing can be concluded; try again later.
+
+Messages name the question and say what happened in plain words
+(``_mta-sts.example.org TXT: NXDOMAIN``, ``... SERVFAIL from 192.0.2.53 port 53``).
+
+dnspython's own cache is off: the project caches policies itself and must see DNS as it is now.
+A ``Resolver`` is safe to share between threads: after ``__init__`` it is only read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.rdtypes.ANY.TXT
+import dns.resolver
+import dns.rrset
+
+__all__ = [
+    "DNSNotFound",
+    "DNSTemporaryError",
+    "Resolver",
+    "parse_nameserver",
+]
+
+DNS_PORT = 53
+
+# A CNAME chain that leaves the answer of one query (possible when asking an authoritative
+# server directly) is followed by asking again for the target; this bounds such loops.
+_MAX_CNAME_QUERIES = 8
+
+_NAMESERVER_TEXT = re.compile(r"[A-Za-z0-9]+:(.+)@[0-9]+")
+
+
+class DNSNotFound(Exception):
+    """The name or the record type does not exist (NXDOMAIN or NODATA)."""
+
+
+class DNSTemporaryError(Exception):
+    """No usable answer: SERVFAIL, REFUSED, a timeout, no nameserver answered, a malformed reply."""
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """Split a nameserver given as ``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6
+    address into ``(address, port)``; the port defaults to 53.
+
+    The host must be an IP address: looking a nameserver's name up would need a resolver first.
+    Raises ``ValueError`` naming the text and what is wrong with it.
+    """
+    value = text.strip()
+    host, port_text = value, ""
+    if value.startswith("["):
+        # "[2001:db8::53]" or "[2001:db8::53]:5353"
+        end = value.find("]")
+        if end < 0:
+            raise ValueError(f"nameserver {text!r}: missing ']'")
+        host, rest = value[1:end], value[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"nameserver {text!r}: expected ':PORT' after ']'")
+            port_text = rest[1:]
+            if not port_text:
+                raise ValueError(f"nameserver {text!r}: empty port")
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                raise ValueError(f"nameserver {text!r}: only IPv6 addresses go in brackets")
+        except ValueError as exc:
+            if "brackets" in str(exc):
+                raise
+            raise ValueError(f"nameserver {text!r}: {host!r} is not an IPv6 address") from exc
+    elif value.count(":") == 1:
+        # "192.0.2.53:5353"; more than one colon can only be a bare IPv6 address.
+        host, port_text = value.split(":")
+        if not port_text:
+            raise ValueError(f"nameserver {text!r}: empty port")
+    if not host:
+        raise ValueError(f"nameserver {text!r}: empty address")
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError as exc:
+        raise ValueError(f"nameserver {text!r}: {host!r} is not an IP address") from exc
+    port = DNS_PORT
+    if port_text:
+        if not (port_text.isascii() and port_text.isdigit()):
+            raise ValueError(f"nameserver {text!r}: port {port_text!r} is not a number")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ValueError(f"nameserver {text!r}: port {port} is out of range 1-65535")
+    return address, port
+
+
+def _describe_errors(errors: Sequence[dns.resolver.ErrorTuple]) -> str:
+    """Say in words what each nameserver did, e.g. "SERVFAIL from 127.0.0.1 port 53"."""
+    seen: list[str] = []
+    for server, _tcp, port, error, _response in errors:
+        # dnspython names a nameserver "Do53:192.0.2.53@53"; the address is what a reader knows.
+        address = _NAMESERVER_TEXT.fullmatch(server or "")
+        where = f"{address.group(1) if address else server} port {port}"
+        if isinstance(error, str):  # an rcode such as "SERVFAIL" or "REFUSED"
+            text = f"{error} from {where}"
+        elif isinstance(error, ConnectionRefusedError):
+            text = f"connection refused by {where}"
+        elif isinstance(error, dns.exception.Timeout):
+            text = f"no answer from {where}"
+        elif isinstance(error, dns.exception.FormError | dns.message.Truncated | EOFError):
+            text = f"malformed answer from {where} ({error})"
+        elif isinstance(error, OSError):
+            text = f"{error.strerror or error} talking to {where}"
+        else:
+            text = f"{error} from {where}"
+        if text not in seen:
+            seen.append(text)
+    return ", ".join(seen)
+
+
+class Resolver:
+    """A stub resolver over dnspython with explicit nameservers and limits.
+
+    ``nameservers``: ``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address each; ``None``
+    reads /etc/resolv.conf. ``timeout`` is how long one nameserver gets to answer one try;
+    ``lifetime`` is how long a whole query may take across tries and nameservers (default
+    ``2 * timeout``). Raises ``ValueError`` for a malformed nameserver, a non-positive limit or
+    an unusable /etc/resolv.conf.
+    """
+
+    def __init__(
+        self,
+        nameservers: Sequence[str] | None = None,
+        *,
+        timeout: float = 5.0,
+        lifetime: float | None = None,
+    ) -> None:
+        if lifetime is None:
+            lifetime = 2 * timeout
+        if timeout <= 0 or lifetime <= 0:
+            raise ValueError(f"DNS timeout ({timeout}) and lifetime ({lifetime}) must be positive")
+        if isinstance(nameservers, str):
+            # A lone string would otherwise be taken character by character.
+            raise ValueError("nameservers must be a list of strings, not a string")
+        if nameservers is None:
+            try:
+                self._resolver = dns.resolver.Resolver(configure=True)
+            except dns.resolver.NoResolverConfiguration as exc:
+                raise ValueError(f"no usable nameserver in /etc/resolv.conf ({exc})") from exc
+        else:
+            if not nameservers:
+                raise ValueError("no nameservers given")
+            self._resolver = dns.resolver.Resolver(configure=False)
+            # One Do53Nameserver per entry, so that each keeps its own port.
+            self._resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(*parse_nameserver(text)) for text in nameservers
+            ]
+        self._resolver.timeout = timeout
+        self._resolver.lifetime = lifetime
+        # The project has its own policy cache; DNS answers must be fresh each time.
+        self._resolver.cache = None
+        self.timeout = timeout
+        self.lifetime = lifetime
+
+    @property
+    def nameservers(self) -> list[str]:
+        """The nameservers in use, as ``address port N`` strings (for log lines)."""
+        return [
+            f"{ns.address} port {ns.port}"
+            if isinstance(ns, dns.nameserver.AddressAndPortNameserver)
+            else f"{ns} port {self._resolver.port}"
+            for ns in self._resolver.nameservers
+        ]
+
+    def txt(self, name: str) -> list[str]:
+        """The TXT records of ``name``, one string per record, CNAMEs followed.
+
+        A record made of several character-strings is one string: RFC 8461 §3.1 and RFC 7208 §3.3
+        read such a record as the strings concatenated without separator. Bytes are decoded as
+        latin-1 so that every byte survives for the caller to judge.
+        """
+        rrset = self._query(name, dns.rdatatype.TXT)
+        return [
+            b"".join(rdata.strings).decode("latin-1")
+            for rdata in rrset
+            if isinstance(rdata, dns.rdtypes.ANY.TXT.TXT)
+        ]
+
+    def addresses(self, name: str) -> list[str]:
+        """The IPv4 then IPv6 addresses of ``name``, CNAMEs followed.
+
+        ``DNSNotFound`` only when neither A nor AAAA exists. When one family fails temporarily
+        and the other answers, the answering family is enough to connect.
+        """
+        found: list[str] = []
+        not_found: list[DNSNotFound] = []
+        failed: list[DNSTemporaryError] = []
+        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            try:
+                rrset = self._query(name, rdtype)
+            except DNSNotFound as exc:
+                not_found.append(exc)
+            except DNSTemporaryError as exc:
+                failed.append(exc)
+            else:
+                found.extend(rdata.to_text() for rdata in rrset)
+        if found:
+            return found
+        if failed:
+            raise failed[0]
+        raise DNSNotFound(f"{name} A/AAAA: {self._reasons(not_found)}")
+
+    @staticmethod
+    def _reasons(errors: Sequence[DNSNotFound]) -> str:
+        reasons = [str(exc).split(": ", 1)[-1] for exc in errors]
+        if len(set(reasons)) == 1:
+            return reasons[0]
+        return ", ".join(reasons)
+
+    def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.rrset.RRset:
+        """Ask for ``rdtype`` at ``name`` and return the RRset at the end of any CNAME chain.
+
+        This is the one place that turns dnspython's outcomes into ``DNSNotFound`` and
+        ``DNSTemporaryError``. Later record types (MX, TLSA with the AD bit) go through here too.
+        """
+        type_text = dns.rdatatype.to_text(rdtype)
+        question = f"{name} {type_text}"
+        try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException as exc:
+            # Such a name (an empty label, a label over 63 octets, ...) cannot exist in the DNS.
+            raise DNSNotFound(f"{question}: not a valid DNS name ({exc})") from exc
+        for _ in range(_MAX_CNAME_QUERIES):
+            try:
+                answer = self._resolver.resolve(qname, rdtype, search=False)
+            except dns.resolver.NXDOMAIN as exc:
+                where = self._at_canonical(qname, exc.canonical_name, name)
+                raise DNSNotFound(f"{question}: NXDOMAIN{where}") from exc
+            except dns.resolver.NoAnswer as exc:
+                response: dns.message.QueryMessage = exc.kwargs["response"]
+                canonical = response.canonical_name()
+                if canonical != qname and not self._has_soa(response):
+                    # The chain leaves this answer (an authoritative server does not follow a
+                    # CNAME into another zone): ask again for its target.
+                    qname = canonical
+                    continue
+                where = self._at_canonical(qname, canonical, name)
+                raise DNSNotFound(f"{question}: no {type_text} record{where}") from exc
+            except dns.resolver.NoNameservers as exc:
+                errors = exc.kwargs.get("errors", [])
+                cause = _describe_errors(errors) or "no nameserver answered"
+                raise DNSTemporaryError(f"{question}: {cause}") from exc
+            except dns.resolver.LifetimeTimeout as exc:
+                errors = exc.kwargs.get("errors", [])
+                cause = f"timed out after {float(self.lifetime)}s"
+                detail = _describe_errors(errors)
+                raise DNSTemporaryError(f"{question}: {cause} ({detail or 'no answer'})") from exc
+            except dns.resolver.YXDOMAIN as exc:
+                raise DNSTemporaryError(
+                    f"{question}: YXDOMAIN (name too long after DNAME)"
+                ) from exc
+            except dns.exception.DNSException as exc:
+                raise DNSTemporaryError(f"{question}: {exc}") from exc
+            except OSError as exc:  # e.g. no route to the nameserver's address family
+                raise DNSTemporaryError(f"{question}: {exc.strerror or exc}") from exc
+            if answer.rrset is None:  # pragma: no cover - resolve() raises NoAnswer instead
+                raise DNSNotFound(f"{question}: no {type_text} record")
+            return answer.rrset
+        raise DNSTemporaryError(f"{question}: CNAME chain longer than {_MAX_CNAME_QUERIES} queries")
+
+    @staticmethod
+    def _has_soa(response: dns.message.Message) -> bool:
+        """Whether the response carries an SOA in its authority section, as a NODATA answer for
+        the end of the chain does (RFC 2308 §2.2); without it the server said nothing about the
+        CNAME target and must be asked about it directly."""
+        return any(rrset.rdtype == dns.rdatatype.SOA for rrset in response.authority)
+
+    @staticmethod
+    def _at_canonical(qname: dns.name.Name, canonical: dns.name.Name, original: str) -> str:
+        if canonical == qname and qname.to_text(omit_final_dot=True) == original:
+            return ""
+        return f" (at {canonical.to_text(omit_final_dot=True)}, reached through CNAME)"

@@ -1,0 +1,1050 @@
+"""The socketmap server: listening sockets, connections, limits and timeouts, graceful stop.
+
+One asyncio event loop owns every connection. Each connection is an `asyncio.Protocol` whose
+data callback decodes the request frames and asks the responder. A responder answers a cached
+domain with the reply string at once, and that reply is written from the data callback itself:
+no task, queue or thread hand-off on the hot path. A domain that is not cached yet is answered
+with a future; the reply is written when it resolves, in request order, and a slow future holds
+back only the connection that asked.
+
+The server knows nothing of policies: it turns frames into ``(name, key)`` and reply strings into
+frames (`netstring`). Listening is done with our own non-blocking sockets, so that a cap on
+connections applies back-pressure: at the cap the listening sockets are simply not read, further
+clients wait in the kernel's backlog, and accepting resumes as soon as a connection closes.
+
+Binding (`Server.bind`) is a step of its own so that a caller can bind privileged ports or
+socket paths as root, then detach and drop privileges, then `start` serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import grp
+import ipaddress
+import logging
+import os
+import pwd
+import socket
+import stat
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from postfix_mtasts import netstring
+from postfix_mtasts.netstring import (
+    Decoder,
+    FramingError,
+    ReplyError,
+    RequestError,
+    encode_reply,
+    parse_request,
+    perm,
+    temp,
+)
+
+__all__ = [
+    "DEFAULT_LISTENER",
+    "InetListener",
+    "Listener",
+    "ListenerError",
+    "Responder",
+    "Server",
+    "SystemdListener",
+    "UnixListener",
+    "parse_listener",
+    "systemd_fds",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTENER = "inet:127.0.0.1:8461"
+
+# sd_listen_fds(3): passed sockets start at this descriptor.
+SD_LISTEN_FDS_START = 3
+# sockaddr_un.sun_path on Linux holds 108 bytes including the terminating NUL.
+_MAX_UNIX_PATH = 107
+# Errors from accept() that mean "the process or system ran out of something": back off.
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_RETRY_DELAY = 1.0
+
+
+class Responder(Protocol):
+    """What the server asks: the reply payload for one request.
+
+    `lookup` returns either the full reply payload (``"OK secure match=..."``, ``"NOTFOUND "``)
+    at once, or an `asyncio.Future` of it, resolved later on the same loop. The server never
+    cancels that future, so it may be shared between several askers.
+    """
+
+    def lookup(self, name: str, key: str) -> str | asyncio.Future[str]: ...
+
+
+class ListenerError(Exception):
+    """A listener spec that cannot be parsed or a socket that cannot be bound; names the spec."""
+
+
+# --- listener specs --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Listener:
+    """Where to listen, as written in the configuration (`spec`)."""
+
+    spec: str
+
+
+@dataclass(frozen=True)
+class InetListener(Listener):
+    """``inet:HOST:PORT``: every address HOST resolves to (an IPv6 literal in brackets)."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class UnixListener(Listener):
+    """``unix:/path``; `mode`, `owner` and `group` are applied to the socket file."""
+
+    path: str
+    mode: int | None = None
+    owner: str | int | None = None
+    group: str | int | None = None
+
+
+@dataclass(frozen=True)
+class SystemdListener(Listener):
+    """``systemd``: every listening socket passed by systemd socket activation."""
+
+
+def parse_listener(
+    spec: str,
+    *,
+    mode: int | None = None,
+    owner: str | int | None = None,
+    group: str | int | None = None,
+) -> Listener:
+    """Parse a Postfix-style listener: ``inet:127.0.0.1:8461``, ``inet:[::1]:8461``,
+    ``inet:localhost:8461``, ``unix:/path/socket`` or ``systemd``.
+
+    `mode`, `owner` and `group` (a name or a number; ``""`` means unset) are properties of a
+    socket file and apply to ``unix:`` listeners only. Raises `ListenerError` naming the spec.
+    """
+    if spec == "systemd":
+        return SystemdListener(spec)
+    kind, colon, address = spec.partition(":")
+    if not colon:
+        raise ListenerError(f"listener {spec!r}: expected inet:HOST:PORT, unix:PATH or systemd")
+    if kind == "inet":
+        host, port = _parse_inet(spec, address)
+        return InetListener(spec, host, port)
+    if kind == "unix":
+        if not address.startswith("/"):
+            raise ListenerError(f"listener {spec!r}: the socket path must be absolute")
+        if len(os.fsencode(address)) > _MAX_UNIX_PATH:
+            raise ListenerError(
+                f"listener {spec!r}: the socket path is longer than {_MAX_UNIX_PATH} bytes"
+            )
+        if "\0" in address:
+            raise ListenerError(f"listener {spec!r}: the socket path contains NUL")
+        if mode is not None and not 0 <= mode <= 0o7777:
+            raise ListenerError(f"listener {spec!r}: socket mode {mode:#o} is not a file mode")
+        return UnixListener(spec, address, mode, owner or None, group or None)
+    raise ListenerError(
+        f"listener {spec!r}: unknown type {kind!r}, expected inet:HOST:PORT, unix:PATH or systemd"
+    )
+
+
+def _parse_inet(spec: str, address: str) -> tuple[str, int]:
+    if address.startswith("["):
+        host, bracket, port_text = address[1:].partition("]")
+        if not bracket or not port_text.startswith(":"):
+            raise ListenerError(f"listener {spec!r}: expected inet:[IPV6-ADDRESS]:PORT")
+        port_text = port_text[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ListenerError(f"listener {spec!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, colon, port_text = address.rpartition(":")
+        if not colon:
+            raise ListenerError(f"listener {spec!r}: expected inet:HOST:PORT")
+        if ":" in host:
+            raise ListenerError(
+                f"listener {spec!r}: write an IPv6 address in brackets, inet:[{host}]:PORT"
+            )
+        if not host:
+            raise ListenerError(f"listener {spec!r}: the host is missing")
+        if not all(c.isascii() and (c.isalnum() or c in "-.") for c in host):
+            raise ListenerError(f"listener {spec!r}: {host!r} is not a host name or address")
+    # Port 0 (any free port) is allowed: tests use it, and `Server.sockets` tells the port.
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+        raise ListenerError(f"listener {spec!r}: port {port_text!r} is not a number up to 65535")
+    return host, int(port_text)
+
+
+def systemd_fds(environ: Mapping[str, str] | None = None, pid: int | None = None) -> list[int]:
+    """The descriptors passed by systemd socket activation for this process (sd_listen_fds(3)).
+
+    Empty unless ``LISTEN_PID`` names this process (a child that inherited the environment
+    must not take its parent's sockets) and ``LISTEN_FDS`` is set.
+    """
+    env = os.environ if environ is None else environ
+    listen_pid = env.get("LISTEN_PID", "")
+    listen_fds = env.get("LISTEN_FDS", "")
+    if not listen_pid or not listen_fds:
+        return []
+    if not listen_pid.isdigit() or int(listen_pid) != (os.getpid() if pid is None else pid):
+        return []
+    if not listen_fds.isdigit():
+        raise ListenerError(f"systemd: LISTEN_FDS={listen_fds!r} is not a number")
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(listen_fds)))
+
+
+# --- binding ---------------------------------------------------------------------------------
+
+
+class _Bound:
+    """The sockets one listener holds, and how to clean up after them."""
+
+    __slots__ = ("listener", "sockets", "unix_identity")
+
+    def __init__(
+        self,
+        listener: Listener,
+        sockets: list[socket.socket],
+        unix_identity: tuple[int, int] | None = None,
+    ) -> None:
+        self.listener = listener
+        self.sockets = sockets
+        # (st_dev, st_ino) of the socket file we created: unlink it only if it is still ours.
+        self.unix_identity = unix_identity
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        if isinstance(self.listener, UnixListener) and self.unix_identity is not None:
+            path = self.listener.path
+            try:
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == self.unix_identity:
+                    os.unlink(path)
+            except OSError:
+                pass
+        self.sockets = []
+
+
+def _bind(listener: Listener, backlog: int) -> _Bound:
+    try:
+        if isinstance(listener, InetListener):
+            return _Bound(listener, _bind_inet(listener, backlog))
+        if isinstance(listener, UnixListener):
+            return _bind_unix(listener, backlog)
+        if isinstance(listener, SystemdListener):
+            return _Bound(listener, _adopt_systemd(systemd_fds()))
+    except ListenerError:
+        raise
+    except OSError as exc:
+        raise ListenerError(
+            f"listener {listener.spec!r}: cannot listen: {exc.strerror or exc}"
+        ) from exc
+    raise ListenerError(f"listener {listener.spec!r}: unknown listener type")
+
+
+def _bind_inet(listener: InetListener, backlog: int) -> list[socket.socket]:
+    try:
+        infos = socket.getaddrinfo(
+            listener.host,
+            listener.port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV,
+        )
+    except socket.gaierror as exc:
+        raise ListenerError(
+            f"listener {listener.spec!r}: cannot resolve {listener.host!r}: {exc.strerror}"
+        ) from exc
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, kind, proto, _, sockaddr in infos:
+            if (family, sockaddr) in seen:
+                continue
+            seen.add((family, sockaddr))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # [::] and 0.0.0.0 are separate listeners, as in Postfix.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _bind_unix(listener: UnixListener, backlog: int) -> _Bound:
+    path = listener.path
+    uid = _user_id(listener, listener.owner)
+    gid = _group_id(listener, listener.group)
+    _remove_stale_socket(listener)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        st = os.lstat(path)
+        identity = (st.st_dev, st.st_ino)
+        try:
+            # Before listen(): nobody can connect while the file has the umask's permissions.
+            if uid != -1 or gid != -1:
+                os.chown(path, uid, gid)
+            if listener.mode is not None:
+                os.chmod(path, listener.mode)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except BaseException:
+            os.unlink(path)
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return _Bound(listener, [sock], identity)
+
+
+def _user_id(listener: UnixListener, owner: str | int | None) -> int:
+    if owner is None:
+        return -1
+    if isinstance(owner, int):
+        return owner
+    if owner.isdigit():
+        return int(owner)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        raise ListenerError(f"listener {listener.spec!r}: unknown socket owner {owner!r}") from None
+
+
+def _group_id(listener: UnixListener, group: str | int | None) -> int:
+    if group is None:
+        return -1
+    if isinstance(group, int):
+        return group
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ListenerError(f"listener {listener.spec!r}: unknown socket group {group!r}") from None
+
+
+def _remove_stale_socket(listener: UnixListener) -> None:
+    """Remove a socket file left by a daemon that is gone; refuse to take a live one."""
+    path = listener.path
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenerError(f"listener {listener.spec!r}: {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        pass  # nobody listens: stale
+    else:
+        raise ListenerError(f"listener {listener.spec!r}: another process listens on {path}")
+    finally:
+        probe.close()
+    os.unlink(path)
+
+
+def _adopt_systemd(fds: Sequence[int]) -> list[socket.socket]:
+    if not fds:
+        raise ListenerError(
+            "listener 'systemd': no sockets passed (LISTEN_FDS/LISTEN_PID not set for this process)"
+        )
+    sockets: list[socket.socket] = []
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise ListenerError(
+                f"listener 'systemd': descriptor {fd} is not a socket: {exc.strerror}"
+            ) from exc
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            sock.detach()
+            raise ListenerError(
+                f"listener 'systemd': descriptor {fd} is not a listening stream socket "
+                "(the .socket unit needs Accept=no and ListenStream=)"
+            )
+        os.set_inheritable(fd, False)
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
+
+
+def _describe(sock: socket.socket) -> str:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return "?"
+    if isinstance(name, tuple):
+        host, port = name[0], name[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(name)
+
+
+# --- connections -----------------------------------------------------------------------------
+
+
+class _Pending:
+    """One request waiting for its future, holding its place in the connection's reply order."""
+
+    __slots__ = ("connection", "future", "key", "name", "reply", "timer")
+
+    def __init__(
+        self, connection: _Connection, name: str, key: str, future: asyncio.Future[str]
+    ) -> None:
+        self.connection = connection
+        self.name = name
+        self.key = key
+        self.future = future
+        self.reply: bytes | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def done(self, future: asyncio.Future[str]) -> None:
+        self.connection._lookup_done(self, future)
+
+    def timed_out(self) -> None:
+        self.connection._lookup_timed_out(self)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: frames in, replies out, in request order."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._loop = server._loop_or_fail()
+        self._lookup = server.responder.lookup
+        self._decoder = Decoder(netstring.MAX_QUERY)
+        self._transport: asyncio.Transport | None = None
+        self._peer = "?"
+        # Replies not yet written: bytes when ready, _Pending while its future runs. Empty in
+        # the common case, where a reply is written the moment it is known.
+        self._queue: collections.deque[bytes | _Pending] = collections.deque()
+        self._pending = 0
+        self._last_activity = 0.0
+        self._partial_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._pipeline_full = False
+        self._reading_paused = False
+        self._shutting_down = False
+        self._eof = False
+        self._closed = False
+        self._released = False
+
+    # asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self._peer = f"{peer[0]}:{peer[1]}"
+        elif peer:
+            self._peer = str(peer)
+        else:
+            self._peer = "unix"
+        server = self._server
+        if self._closed or server._stopping:
+            self._closed = True
+            transport.close()
+            return
+        self._last_activity = self._loop.time()
+        self._timer = self._loop.call_at(
+            self._last_activity + server.idle_timeout, self._check_timeouts
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed or self._shutting_down:
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except FramingError as exc:
+            self._server.framing_errors += 1
+            log.warning("socketmap client %s: %s; closing the connection", self._peer, exc)
+            self._close()
+            return
+        now = self._loop.time()
+        self._last_activity = now
+        if self._decoder.buffered:
+            if self._partial_since is None:
+                self._partial_since = now
+                self._arm_frame_timeout()
+        else:
+            self._partial_since = None
+        if not frames:
+            return
+        server = self._server
+        server.requests += len(frames)
+        lookup = self._lookup
+        for payload in frames:
+            try:
+                name, key = parse_request(payload)
+            except RequestError as exc:
+                server.bad_requests += 1
+                self._send(perm(exc.reason))
+                continue
+            try:
+                result = lookup(name, key)
+            except Exception:
+                server.lookup_errors += 1
+                log.exception("%s: lookup failed (map %s); answered TEMP", _key(key), name)
+                self._send(temp("lookup failed"))
+                continue
+            if isinstance(result, str):
+                self._send(self._encode(name, key, result))
+            else:
+                self._defer(name, key, result)
+        if self._pending and len(self._queue) >= server.max_pipelined and not self._pipeline_full:
+            self._pipeline_full = True
+            self._update_reading()
+
+    def eof_received(self) -> bool | None:
+        if self._queue:
+            # The client finished sending; keep the connection to deliver what it asked for.
+            self._eof = True
+            return True
+        return None
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its requests until it does.
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._queue:
+            item = self._queue.popleft()
+            if isinstance(item, _Pending):
+                item.future.remove_done_callback(item.done)
+                if item.timer is not None:
+                    item.timer.cancel()
+        self._pending = 0
+        self._transport = None
+        self._release()
+
+    # replies ------------------------------------------------------------------------------
+
+    def _encode(self, name: str, key: str, reply: str) -> bytes:
+        try:
+            return encode_reply(reply)
+        except ReplyError as exc:
+            self._server.lookup_errors += 1
+            log.error("%s: invalid reply from the responder (map %s): %s", _key(key), name, exc)
+            return temp("internal error")
+
+    def _send(self, data: bytes) -> None:
+        if self._queue:
+            self._queue.append(data)
+        else:
+            assert self._transport is not None
+            self._transport.write(data)
+
+    def _defer(self, name: str, key: str, future: asyncio.Future[str]) -> None:
+        if not asyncio.isfuture(future):
+            self._server.lookup_errors += 1
+            log.error(
+                "%s: responder returned %s, not a reply or a future (map %s); answered TEMP",
+                _key(key),
+                type(future).__name__,
+                name,
+            )
+            self._send(temp("internal error"))
+            return
+        self._server.deferred += 1
+        pending = _Pending(self, name, key, future)
+        self._queue.append(pending)
+        self._pending += 1
+        pending.timer = self._loop.call_later(self._server.request_timeout, pending.timed_out)
+        future.add_done_callback(pending.done)
+
+    def _lookup_done(self, pending: _Pending, future: asyncio.Future[str]) -> None:
+        if self._closed or pending.reply is not None:
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+            pending.timer = None
+        server = self._server
+        if future.cancelled():
+            server.lookup_errors += 1
+            log.error(
+                "%s: lookup cancelled (map %s); answered TEMP", _key(pending.key), pending.name
+            )
+            reply = temp("lookup cancelled")
+        elif (exc := future.exception()) is not None:
+            server.lookup_errors += 1
+            log.error(
+                "%s: lookup failed (map %s): %s; answered TEMP",
+                _key(pending.key),
+                pending.name,
+                exc,
+                exc_info=exc,
+            )
+            reply = temp(f"lookup failed: {exc}")
+        else:
+            result = future.result()
+            if isinstance(result, str):
+                reply = self._encode(pending.name, pending.key, result)
+            else:
+                server.lookup_errors += 1
+                log.error(
+                    "%s: lookup returned %s, not a reply (map %s); answered TEMP",
+                    _key(pending.key),
+                    type(result).__name__,
+                    pending.name,
+                )
+                reply = temp("internal error")
+        self._resolve(pending, reply)
+
+    def _lookup_timed_out(self, pending: _Pending) -> None:
+        if self._closed or pending.reply is not None:
+            return
+        pending.timer = None
+        # The future may be shared with other askers: stop waiting for it, never cancel it.
+        pending.future.remove_done_callback(pending.done)
+        self._server.lookup_timeouts += 1
+        timeout = self._server.request_timeout
+        log.error(
+            "%s: lookup did not finish within %gs (map %s); answered TEMP",
+            _key(pending.key),
+            timeout,
+            pending.name,
+        )
+        self._resolve(pending, temp(f"lookup timed out after {timeout:g}s"))
+
+    def _resolve(self, pending: _Pending, reply: bytes) -> None:
+        pending.reply = reply
+        self._pending -= 1
+        queue = self._queue
+        transport = self._transport
+        assert transport is not None
+        while queue:
+            head = queue[0]
+            if isinstance(head, _Pending):
+                if head.reply is None:
+                    break
+                transport.write(head.reply)
+            else:
+                transport.write(head)
+            queue.popleft()
+        if queue:
+            return
+        self._last_activity = self._loop.time()
+        if self._pipeline_full:
+            self._pipeline_full = False
+            self._update_reading()
+        if self._eof or (self._shutting_down and not self._decoder.buffered):
+            self._close()
+
+    # flow control, timeouts, closing --------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        pause = self._write_paused or self._pipeline_full or self._shutting_down
+        if pause and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif not pause and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _arm_frame_timeout(self) -> None:
+        assert self._partial_since is not None
+        deadline = self._partial_since + self._server.frame_timeout
+        if self._timer is None or self._timer.when() > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._check_timeouts)
+
+    def _check_timeouts(self) -> None:
+        # One timer per connection, moved forward lazily: the hot path only stores a time.
+        self._timer = None
+        if self._closed:
+            return
+        server = self._server
+        now = self._loop.time()
+        if self._partial_since is not None:
+            deadline = self._partial_since + server.frame_timeout
+            if now >= deadline:
+                server.frame_timeouts += 1
+                log.info(
+                    "socketmap client %s: request incomplete after %gs; closing the connection",
+                    self._peer,
+                    server.frame_timeout,
+                )
+                self._close()
+                return
+        elif self._queue:
+            # A request is in flight: its own timeout answers it; idleness starts afterwards.
+            deadline = now + server.idle_timeout
+        else:
+            deadline = self._last_activity + server.idle_timeout
+            if now >= deadline:
+                server.idle_timeouts += 1
+                log.debug("socketmap client %s: idle; closing the connection", self._peer)
+                self._close()
+                return
+        self._timer = self._loop.call_at(deadline, self._check_timeouts)
+
+    def _shutdown(self) -> None:
+        """Graceful stop: read no more requests, answer those received, then close."""
+        if self._closed:
+            return
+        self._shutting_down = True
+        self._update_reading()
+        if not self._queue:
+            self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def _abort(self) -> None:
+        self._closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _release(self) -> None:
+        # Called by connection_lost, or by the set-up task when no transport came to be;
+        # sometimes both: count the connection as gone exactly once.
+        if not self._released:
+            self._released = True
+            self._server._connection_lost(self)
+
+
+def _key(key: str) -> str:
+    # Keys come from the network; repr() keeps odd ones on one readable log line.
+    return key if key.isprintable() and len(key) <= 300 else repr(key[:300])
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+class Server:
+    """Serves `responder` on `listeners` (specs or `Listener` values) on one asyncio loop.
+
+    Use: `bind()` (optional, to bind before dropping privileges), `await start()`, and on
+    shutdown `await stop()`. `update_listeners()` applies a reloaded configuration.
+
+    If systemd passed sockets to this process (``LISTEN_FDS``/``LISTEN_PID``), they are served
+    too, as if ``systemd`` were listed.
+
+    The counters (`requests`, `deferred`, `bad_requests`, ...) are plain integers for statistics.
+    """
+
+    def __init__(
+        self,
+        responder: Responder,
+        listeners: Iterable[Listener | str] = (DEFAULT_LISTENER,),
+        *,
+        max_connections: int = 1000,
+        idle_timeout: float = 60.0,
+        request_timeout: float = 100.0,
+        frame_timeout: float = 10.0,
+        grace_timeout: float = 10.0,
+        max_pipelined: int = 100,
+        backlog: int = 1024,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if min(idle_timeout, request_timeout, frame_timeout) <= 0 or grace_timeout < 0:
+            raise ValueError("timeouts must be positive")
+        self.responder = responder
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.frame_timeout = frame_timeout
+        self.grace_timeout = grace_timeout
+        self.max_pipelined = max(1, max_pipelined)
+        self.backlog = backlog
+
+        # Statistics.
+        self.connections_accepted = 0
+        self.requests = 0
+        self.deferred = 0
+        self.bad_requests = 0
+        self.framing_errors = 0
+        self.lookup_errors = 0
+        self.lookup_timeouts = 0
+        self.idle_timeouts = 0
+        self.frame_timeouts = 0
+
+        self._listeners = self._with_systemd(listeners)
+        self._bound: dict[Listener, _Bound] = {}
+        self._systemd_adopted = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
+        self._accept_retry: asyncio.TimerHandle | None = None
+        # Accepted sockets, from accept() until connection_lost: the number the cap applies to.
+        self._active = 0
+        self._connections: set[_Connection] = set()
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._cap_warned_at: float | None = None
+        self._started = False
+        self._stopping = False
+        self._idle: asyncio.Future[None] | None = None
+
+    # public -------------------------------------------------------------------------------
+
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        return self._listeners
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The bound listening sockets (for `getsockname()`, or to keep them across a fork)."""
+        return [sock for bound in self._bound.values() for sock in bound.sockets]
+
+    @property
+    def connections(self) -> int:
+        """Open connections, including those accepted but not yet set up."""
+        return self._active
+
+    def bind(self) -> None:
+        """Bind every listener now (idempotent). Raises `ListenerError`; binds none on error."""
+        opened: list[_Bound] = []
+        try:
+            for listener in self._listeners:
+                if listener not in self._bound:
+                    bound = self._open(listener)
+                    opened.append(bound)
+                    self._bound[listener] = bound
+        except BaseException:
+            for bound in opened:
+                self._bound.pop(bound.listener, None)
+                bound.close()
+            raise
+
+    async def start(self) -> None:
+        """Bind what is not bound yet and start accepting connections on the running loop."""
+        if self._started:
+            raise RuntimeError("server already started")
+        self.bind()
+        self._loop = asyncio.get_running_loop()
+        self._started = True
+        for bound in self._bound.values():
+            log.info("listening on %s (%s)", bound.listener.spec, _addresses(bound))
+        self._resume_accepting()
+
+    async def stop(self, grace_timeout: float | None = None) -> None:
+        """Stop accepting, let requests in flight finish, close every connection.
+
+        Waits at most `grace_timeout` seconds (default: the constructor's) for requests in flight;
+        connections still busy then are closed without their replies.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        self._pause_accepting()
+        if self._accept_retry is not None:
+            self._accept_retry.cancel()
+            self._accept_retry = None
+        for bound in self._bound.values():
+            bound.close()
+            log.info("stopped listening on %s", bound.listener.spec)
+        self._bound.clear()
+        if self._loop is None:
+            return
+        for connection in list(self._connections):
+            connection._shutdown()
+        grace = self.grace_timeout if grace_timeout is None else grace_timeout
+        if not await self._wait_idle(grace):
+            busy = len(self._connections)
+            log.warning("stop: %d connection(s) still busy after %gs; closing them", busy, grace)
+            for connection in list(self._connections):
+                connection._abort()
+            for task in list(self._handshakes):
+                task.cancel()
+            await self._wait_idle(1.0)
+
+    def update_listeners(self, listeners: Iterable[Listener | str]) -> None:
+        """Listen on `listeners` from now on (a reloaded configuration).
+
+        Listeners equal to a current one keep their sockets; removed ones are closed (their open
+        connections go on); new ones are bound. Raises `ListenerError` naming the listeners that
+        could not be bound, after applying everything else.
+        """
+        if self._stopping:
+            raise RuntimeError("server is stopping")
+        wanted = self._with_systemd(listeners)
+        for listener in [item for item in self._bound if item not in wanted]:
+            bound = self._bound.pop(listener)
+            self._unwatch(bound)
+            bound.close()
+            log.info("stopped listening on %s", listener.spec)
+        errors: list[str] = []
+        for listener in wanted:
+            if listener in self._bound:
+                continue
+            try:
+                bound = self._open(listener)
+            except ListenerError as exc:
+                errors.append(str(exc))
+                continue
+            self._bound[listener] = bound
+            if self._started:
+                log.info("listening on %s (%s)", listener.spec, _addresses(bound))
+                if self._accepting:
+                    self._watch(bound)
+        self._listeners = tuple(item for item in wanted if item in self._bound)
+        if errors:
+            raise ListenerError("; ".join(errors))
+
+    # listening ----------------------------------------------------------------------------
+
+    def _with_systemd(self, listeners: Iterable[Listener | str]) -> tuple[Listener, ...]:
+        parsed = [
+            item if isinstance(item, Listener) else parse_listener(item) for item in listeners
+        ]
+        if systemd_fds() and not any(isinstance(item, SystemdListener) for item in parsed):
+            parsed.append(SystemdListener("systemd"))
+        return tuple(dict.fromkeys(parsed))
+
+    def _open(self, listener: Listener) -> _Bound:
+        if isinstance(listener, SystemdListener):
+            # Once closed, the descriptor numbers may belong to other files: never adopt twice.
+            if self._systemd_adopted:
+                raise ListenerError("listener 'systemd': the passed sockets were already closed")
+            bound = _bind(listener, self.backlog)
+            self._systemd_adopted = True
+            return bound
+        return _bind(listener, self.backlog)
+
+    def _loop_or_fail(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("server not started")
+        return self._loop
+
+    def _watch(self, bound: _Bound) -> None:
+        loop = self._loop_or_fail()
+        for sock in bound.sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _unwatch(self, bound: _Bound) -> None:
+        if self._loop is None or not self._accepting:
+            return
+        for sock in bound.sockets:
+            self._loop.remove_reader(sock.fileno())
+
+    def _resume_accepting(self) -> None:
+        if self._accepting or self._stopping or not self._started:
+            return
+        self._accepting = True
+        for bound in self._bound.values():
+            self._watch(bound)
+
+    def _pause_accepting(self) -> None:
+        if not self._accepting:
+            return
+        for bound in self._bound.values():
+            self._unwatch(bound)
+        self._accepting = False
+
+    def _accept(self, listening: socket.socket) -> None:
+        loop = self._loop_or_fail()
+        for _ in range(self.backlog):
+            if self._active >= self.max_connections:
+                # Back-pressure: further clients wait in the kernel's backlog.
+                now = loop.time()
+                if self._cap_warned_at is None or now - self._cap_warned_at >= 60.0:
+                    self._cap_warned_at = now
+                    log.warning(
+                        "%d connections open (the max_connections limit); new clients wait",
+                        self._active,
+                    )
+                self._pause_accepting()
+                return
+            try:
+                sock, _ = listening.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                    log.error(
+                        "cannot accept connections: %s; retrying in %gs",
+                        exc.strerror,
+                        _ACCEPT_RETRY_DELAY,
+                    )
+                    self._pause_accepting()
+                    self._accept_retry = loop.call_later(_ACCEPT_RETRY_DELAY, self._retry_accepting)
+                    return
+                raise
+            sock.setblocking(False)
+            self._active += 1
+            self.connections_accepted += 1
+            connection = _Connection(self)
+            self._connections.add(connection)
+            task = loop.create_task(self._set_up(sock, connection))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    def _retry_accepting(self) -> None:
+        self._accept_retry = None
+        if self._active < self.max_connections:
+            self._resume_accepting()
+
+    async def _set_up(self, sock: socket.socket, connection: _Connection) -> None:
+        # Once per connection, not per request: the public way to wrap an accepted socket.
+        loop = self._loop_or_fail()
+        try:
+            await loop.connect_accepted_socket(lambda: connection, sock)
+        except BaseException as exc:
+            sock.close()
+            connection._closed = True
+            connection._release()
+            if not isinstance(exc, Exception):
+                raise
+            log.warning("cannot set up a connection: %s", exc)
+
+    def _connection_lost(self, connection: _Connection) -> None:
+        self._connections.discard(connection)
+        self._active -= 1
+        if self._active < self.max_connections and self._accept_retry is None:
+            self._resume_accepting()
+        if self._active == 0 and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    async def _wait_idle(self, timeout: float) -> bool:
+        if self._active == 0:
+            return True
+        loop = self._loop_or_fail()
+        self._idle = loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._idle), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+def _addresses(bound: _Bound) -> str:
+    return ", ".join(_describe(sock) for sock in bound.sockets)

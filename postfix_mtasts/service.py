@@ -1,0 +1,338 @@
+"""``postfix-mtasts serve``: the pieces put together, signals, logging, detaching.
+
+The flow is that of the design: the server hands ``(name, key)`` to the :class:`Responder`, which
+turns the key into a policy domain (:mod:`postfix`), asks the cache (:mod:`policydb`) and turns the
+decision into a reply (:mod:`postfix`). Bind first (as root, for privileged ports and socket paths),
+then detach and drop privileges, then open the cache and serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import logging.handlers
+import os
+import pwd
+import signal
+import socket
+import sys
+from dataclasses import dataclass, replace
+from typing import Any
+
+from postfix_mtasts import __version__, config, postfix
+from postfix_mtasts.fetch import Fetcher
+from postfix_mtasts.policydb import CacheSettings, Decision, PolicyDB
+from postfix_mtasts.resolver import Resolver
+from postfix_mtasts.server import Listener, ListenerError, Server, parse_listener
+from postfix_mtasts.store import Store, StoreError, open_store
+
+__all__ = ["Responder", "run"]
+
+log = logging.getLogger("postfix_mtasts")
+
+
+class Responder:
+    """Answers one socketmap request: key → policy domain → decision → reply."""
+
+    def __init__(self, settings: config.Config, db: PolicyDB) -> None:
+        self.settings = settings
+        self.db = db
+
+    def lookup(self, name: str, key: str) -> str | asyncio.Future[str]:
+        domain = postfix.policy_domain(key)
+        if domain is None:
+            return postfix.NOTFOUND
+        profile = self.settings.profile(name)
+        decision = self.db.lookup(domain)
+        if isinstance(decision, Decision):
+            return postfix.policy_reply(decision.policy, profile)
+        return asyncio.ensure_future(self._later(decision, profile))
+
+    @staticmethod
+    async def _later(pending: asyncio.Future[Decision], profile: config.Profile) -> str:
+        decision = await pending
+        return postfix.policy_reply(decision.policy, profile)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the parts from the configuration.
+
+
+def make_resolver(settings: config.Config) -> Resolver:
+    dns = settings.dns
+    return Resolver(dns.nameservers or None, timeout=dns.timeout, lifetime=dns.lifetime)
+
+
+def make_fetcher(settings: config.Config, resolver: Resolver) -> Fetcher:
+    https = settings.https
+    return Fetcher(
+        resolver,
+        ca_file=https.ca_file or None,
+        timeout=https.timeout,
+        connect_timeout=https.connect_timeout,
+        allow_private_addresses=https.allow_private_addresses,
+        proxies={"https": https.proxy} if https.proxy else None,
+    )
+
+
+def cache_settings(settings: config.Config) -> CacheSettings:
+    c = settings.cache
+    return CacheSettings(
+        txt_check_interval=c.txt_check_interval,
+        refresh_interval=c.refresh_interval,
+        unused_after=c.unused_after,
+        no_record_ttl=c.no_record_ttl,
+        fetch_retry_interval=c.fetch_retry_interval,
+        first_lookup_deadline=c.first_lookup_deadline,
+    )
+
+
+def make_store(settings: config.Config) -> Store:
+    """The configured store; a memory store when it cannot be opened (lookups go on)."""
+    try:
+        return open_store(settings.cache.backend, settings.cache.path)
+    except StoreError as exc:
+        log.error("cannot open the cache (%s); caching in memory only until restart", exc)
+        return open_store("memory", "")
+
+
+def listeners(settings: config.Config) -> list[Listener]:
+    s = settings.server
+    return [
+        parse_listener(
+            spec, mode=s.socket_mode, owner=s.socket_owner or None, group=s.socket_group or None
+        )
+        for spec in settings.listen
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging.
+
+
+def setup_logging(settings: config.Config) -> None:
+    """(Re)configure logging: stderr, a file, or syslog. Called again on SIGHUP, which reopens a
+    log file that was rotated away."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    new: logging.Handler
+    if settings.log.syslog:
+        facility = logging.handlers.SysLogHandler.facility_names[settings.log.syslog_facility]
+        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+        new = logging.handlers.SysLogHandler(address=address, facility=facility)
+        new.setFormatter(logging.Formatter("postfix-mtasts[%(process)d]: %(message)s"))
+    else:
+        if settings.log.file:
+            new = logging.FileHandler(settings.log.file)
+        else:
+            new = logging.StreamHandler(sys.stderr)
+        new.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.addHandler(new)
+    root.setLevel(settings.log.level.upper())
+
+
+# --------------------------------------------------------------------------------------------------
+# systemd readiness (sd_notify(3)), without a dependency.
+
+
+def notify(state: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd (%s): %s", state, exc)
+
+
+# --------------------------------------------------------------------------------------------------
+# Privileges and detaching.
+
+
+@dataclass(frozen=True)
+class _Identity:
+    uid: int
+    gid: int
+    name: str
+
+
+def _identity(settings: config.Config) -> _Identity | None:
+    user, group = settings.server.user, settings.server.group
+    if not user and not group:
+        return None
+    try:
+        pw = pwd.getpwnam(user) if user else pwd.getpwuid(os.getuid())
+        gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+    except KeyError as exc:
+        raise config.ConfigError(f"server.user/server.group: no such user or group: {exc}") from exc
+    return _Identity(pw.pw_uid, gid, pw.pw_name)
+
+
+def _drop_privileges(identity: _Identity, settings: config.Config) -> None:
+    if os.geteuid() != 0:
+        return
+    if settings.cache.backend == "sqlite":
+        # The cache directory must be writable by the user we become.
+        directory = os.path.dirname(settings.cache.path)
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        os.chown(directory, identity.uid, identity.gid)
+        for suffix in ("", "-wal", "-shm"):
+            path = settings.cache.path + suffix
+            if os.path.exists(path):
+                os.chown(path, identity.uid, identity.gid)
+    os.setgroups([])
+    os.initgroups(identity.name, identity.gid)
+    os.setgid(identity.gid)
+    os.setuid(identity.uid)
+    log.info("running as user %s (uid %d, gid %d)", identity.name, identity.uid, identity.gid)
+
+
+class _PidFile:
+    """A pid file written by the detached process (python-daemon's ``pidfile`` protocol)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> _PidFile:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The daemon.
+
+
+class _Daemon:
+    def __init__(self, settings: config.Config, config_path: str | None, server: Server) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.server = server
+        self.stopping = asyncio.Event()
+        self.db: PolicyDB | None = None
+        self.responder: Responder | None = None
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        resolver = make_resolver(self.settings)
+        store = make_store(self.settings)
+        self.db = PolicyDB(
+            store, resolver, make_fetcher(self.settings, resolver), cache_settings(self.settings)
+        )
+        self.responder = Responder(self.settings, self.db)
+        self.server.responder = self.responder
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.db.start()
+        await self.server.start()
+        log.info("postfix-mtasts %s ready", __version__)
+        notify("READY=1")
+        await self.stopping.wait()
+        log.info("stopping: finishing requests in flight")
+        notify("STOPPING=1")
+        await self.server.stop()
+        await self.db.close()
+        store.close()
+        log.info(
+            "stopped after %d requests (%d answered from the cache, %d network lookups)",
+            self.server.requests,
+            self.db.hits,
+            self.db.network_lookups,
+        )
+
+    def reload(self) -> None:
+        """SIGHUP: reopen logs and apply a re-read configuration; keep the old one on error."""
+        notify("RELOADING=1")
+        try:
+            new = config.load(self.config_path)
+            new_listeners = listeners(new)
+        except (config.ConfigError, ListenerError) as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            notify("READY=1")
+            return
+        setup_logging(new)
+        old = self.settings
+        if (new.cache.backend, new.cache.path) != (old.cache.backend, old.cache.path):
+            log.warning("cache.backend and cache.path take effect at the next restart")
+        try:
+            self.server.update_listeners(new_listeners)
+        except ListenerError as exc:
+            log.error("reload: %s; keeping the running listeners", exc)
+        assert self.db is not None and self.responder is not None
+        resolver = make_resolver(new)
+        self.db.resolver = resolver
+        self.db.fetcher = make_fetcher(new, resolver)
+        self.db.settings = cache_settings(new)
+        self.responder.settings = new
+        self.settings = new
+        log.info("configuration reloaded from %s", self.config_path or "the defaults")
+        notify("READY=1")
+
+
+def run(
+    settings: config.Config, *, config_path: str | None, detach: bool, pid_file: str | None
+) -> int:
+    """Run the daemon until SIGTERM or SIGINT; return the exit status."""
+    if detach and not settings.log.syslog and not settings.log.file:
+        # A detached daemon has no stderr: log to syslog unless told otherwise.
+        settings = replace(settings, log=replace(settings.log, syslog=True))
+    setup_logging(settings)
+    try:
+        identity = _identity(settings)
+        server = Server(
+            _Unready(),
+            listeners(settings),
+            max_connections=settings.server.max_connections,
+            idle_timeout=settings.server.idle_timeout,
+            request_timeout=settings.server.request_timeout,
+        )
+        # Bind while still privileged (ports below 1024, socket paths owned by root).
+        server.bind()
+    except (config.ConfigError, ListenerError) as exc:
+        log.error("%s", exc)
+        return 2
+
+    context: Any = None
+    if detach:
+        import daemon
+
+        context = daemon.DaemonContext(
+            files_preserve=[sock.fileno() for sock in server.sockets],
+            pidfile=_PidFile(pid_file or settings.server.pid_file),
+            detach_process=True,
+            umask=0o022,
+        )
+        context.open()
+        setup_logging(settings)  # the daemon context closed the old handler's stream
+    try:
+        if identity is not None:
+            _drop_privileges(identity, settings)
+        asyncio.run(_Daemon(settings, config_path, server).main())
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        if context is not None:
+            context.close()
+    return 0
+
+
+class _Unready:
+    """The responder until the cache is open (the server is not started before that)."""
+
+    def lookup(self, name: str, key: str) -> str:
+        return postfix.temp("starting")

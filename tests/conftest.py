@@ -1,0 +1,25 @@
+"""Shared fixtures. ``bed``: the real DNS and HTTPS servers of tests/bed.py, once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from bed import Bed, BedError
+
+
+@pytest.fixture(scope="session")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    """knot, unbound, the HTTPS policy hosts and a dead nameserver, with every scenario published.
+
+    A bed that cannot start fails the tests that need it (never skips them): on CI a missing server
+    is a broken machine, not a reason to pass.
+    """
+    try:
+        test_bed = Bed.start(tmp_path_factory.mktemp("bed"))
+    except BedError as exc:
+        pytest.fail(f"the test bed did not start: {exc}", pytrace=False)
+    try:
+        yield test_bed
+    finally:
+        test_bed.stop()

@@ -1,0 +1,798 @@
+"""The socketmap server over real sockets on loopback (inet and unix)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postfix_mtasts.netstring import MAX_REPLY, Decoder, encode
+from postfix_mtasts.server import (
+    InetListener,
+    ListenerError,
+    Server,
+    SystemdListener,
+    UnixListener,
+    parse_listener,
+    systemd_fds,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+# Generous bound for anything that should happen; never an assertion about speed.
+PATIENCE = 10.0
+
+
+def aio(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test function on a fresh event loop."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 60))
+
+    return run
+
+
+class FakeResponder:
+    """Our own responder interface, answering by key.
+
+    ``slow...``: a future the test resolves (``resolve``); ``fail``: a future that raises;
+    ``raise``: raises at once; ``huge``/``empty``: an OK that must not be sent; ``nf``:
+    ``NOTFOUND``; anything else: ``OK secure match=<key>`` at once (the cached fast path).
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.futures: dict[str, asyncio.Future[str]] = {}
+
+    def lookup(self, name: str, key: str) -> str | asyncio.Future[str]:
+        self.calls.append((name, key))
+        if key.startswith("slow"):
+            future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self.futures[key] = future
+            return future
+        if key == "fail":
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(OSError("resolver exploded"))
+            return future
+        if key == "raise":
+            raise RuntimeError("bug in the responder")
+        if key == "huge":
+            return "OK " + "x" * MAX_REPLY
+        if key == "empty":
+            return "OK "
+        if key == "nf":
+            return "NOTFOUND "
+        return f"OK secure match={key}"
+
+    def resolve(self, key: str, reply: str | None = None) -> None:
+        self.futures[key].set_result(reply if reply is not None else f"OK later {key}")
+
+    async def wait_for_call(self, key: str) -> None:
+        await wait_until(lambda: any(k == key for _, k in self.calls))
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(PATIENCE):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+class Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = Decoder(MAX_REPLY)
+        self.replies: list[bytes] = []
+
+    @classmethod
+    async def inet(cls, server: Server, index: int = 0) -> Client:
+        host, port = server.sockets[index].getsockname()[:2]
+        return cls(*await asyncio.open_connection(host, port))
+
+    @classmethod
+    async def unix(cls, path: str) -> Client:
+        return cls(*await asyncio.open_unix_connection(path))
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def send(self, *keys: str, name: str = "postfix") -> None:
+        await self.send_raw(b"".join(encode(f"{name} {key}".encode()) for key in keys))
+
+    async def reply(self) -> str:
+        async with asyncio.timeout(PATIENCE):
+            while not self.replies:
+                data = await self.reader.read(65536)
+                if not data:
+                    raise EOFError("connection closed")
+                self.replies.extend(self.decoder.feed(data))
+        return self.replies.pop(0).decode()
+
+    async def ask(self, key: str, name: str = "postfix") -> str:
+        await self.send(key, name=name)
+        return await self.reply()
+
+    async def closed_by_server(self) -> bool:
+        """Wait for EOF; True if the server closed the connection (without more replies)."""
+        try:
+            async with asyncio.timeout(PATIENCE):
+                data = await self.reader.read(65536)
+        except ConnectionResetError:
+            return True
+        return data == b""
+
+    async def no_reply_yet(self, wait: float = 0.2) -> bool:
+        try:
+            async with asyncio.timeout(wait):
+                await self.reply()
+        except TimeoutError:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    responder: FakeResponder | None = None,
+    listeners: tuple[str | InetListener | UnixListener, ...] = ("inet:127.0.0.1:0",),
+    **options: Any,
+) -> AsyncIterator[Server]:
+    server = Server(responder or FakeResponder(), listeners, **options)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace_timeout=0.5)
+
+
+# --- requests and replies --------------------------------------------------------------------
+
+
+@aio
+async def test_many_requests_on_one_connection_are_answered() -> None:
+    async with serving() as server:
+        client = await Client.inet(server)
+        for i in range(500):
+            assert await client.ask(f"{i}.example") == f"OK secure match={i}.example"
+        assert await client.ask("nf") == "NOTFOUND "
+        client.close()
+        assert server.requests == 501
+        assert server.deferred == 0
+
+
+@aio
+async def test_map_name_and_key_reach_the_responder() -> None:
+    responder = FakeResponder()
+    async with serving(responder) as server:
+        client = await Client.inet(server)
+        await client.ask("[mx.example.org]:587", name="tlsrpt")
+        await client.ask("bücher.example")
+        client.close()
+    assert responder.calls == [("tlsrpt", "[mx.example.org]:587"), ("postfix", "bücher.example")]
+
+
+@aio
+async def test_deferred_reply_is_written_when_its_future_resolves() -> None:
+    responder = FakeResponder()
+    async with serving(responder) as server:
+        client = await Client.inet(server)
+        await client.send("slow1")
+        await responder.wait_for_call("slow1")
+        assert await client.no_reply_yet()
+        responder.resolve("slow1", "OK secure match=mx.example.net")
+        assert await client.reply() == "OK secure match=mx.example.net"
+        assert server.deferred == 1
+        client.close()
+
+
+@aio
+async def test_pipelined_replies_keep_request_order_behind_a_slow_lookup() -> None:
+    responder = FakeResponder()
+    async with serving(responder) as server:
+        client = await Client.inet(server)
+        await client.send("slow1", "fast1", "slow2", "fast2")
+        await responder.wait_for_call("fast2")
+        # The second slow one finishes first; nothing may overtake the first slow one.
+        responder.resolve("slow2")
+        assert await client.no_reply_yet()
+        responder.resolve("slow1")
+        assert [await client.reply() for _ in range(4)] == [
+            "OK later slow1",
+            "OK secure match=fast1",
+            "OK later slow2",
+            "OK secure match=fast2",
+        ]
+        # Back to the fast path once the queue is empty.
+        assert await client.ask("fast3") == "OK secure match=fast3"
+        client.close()
+
+
+@aio
+async def test_hanging_lookup_on_one_connection_does_not_delay_another() -> None:
+    responder = FakeResponder()
+    async with serving(responder, request_timeout=30.0) as server:
+        stuck = await Client.inet(server)
+        await stuck.send("slow-hang")
+        await responder.wait_for_call("slow-hang")
+        other = await Client.inet(server)
+        for i in range(50):
+            assert await other.ask(f"{i}.example") == f"OK secure match={i}.example"
+        assert await stuck.no_reply_yet(0.05)
+        stuck.close()
+        other.close()
+
+
+@aio
+async def test_many_connections_waiting_on_one_shared_future_all_get_the_reply() -> None:
+    loop = asyncio.get_running_loop()
+    shared: asyncio.Future[str] = loop.create_future()
+
+    class Shared(FakeResponder):
+        def lookup(self, name: str, key: str) -> str | asyncio.Future[str]:
+            self.calls.append((name, key))
+            return shared
+
+    responder = Shared()
+    async with serving(responder) as server:
+        clients = [await Client.inet(server) for _ in range(10)]
+        for client in clients:
+            await client.send("example.com")
+        await wait_until(lambda: len(responder.calls) == 10)
+        shared.set_result("OK secure match=mx.example.com")
+        for client in clients:
+            assert await client.reply() == "OK secure match=mx.example.com"
+            client.close()
+
+
+@aio
+async def test_failed_lookup_is_answered_temp() -> None:
+    async with serving() as server:
+        client = await Client.inet(server)
+        assert await client.ask("fail") == "TEMP lookup failed: resolver exploded"
+        assert await client.ask("raise") == "TEMP lookup failed"
+        assert await client.ask("ok.example") == "OK secure match=ok.example"
+        assert server.lookup_errors == 2
+        client.close()
+
+
+@aio
+async def test_lookup_that_does_not_finish_in_time_is_answered_temp() -> None:
+    responder = FakeResponder()
+    async with serving(responder, request_timeout=0.2) as server:
+        client = await Client.inet(server)
+        assert await client.ask("slow-hang") == "TEMP lookup timed out after 0.2s"
+        assert server.lookup_timeouts == 1
+        # A late result is not written twice.
+        responder.resolve("slow-hang")
+        assert await client.ask("next.example") == "OK secure match=next.example"
+        client.close()
+
+
+@aio
+async def test_reply_that_postfix_must_not_see_becomes_temp() -> None:
+    async with serving() as server:
+        client = await Client.inet(server)
+        assert await client.ask("huge") == "TEMP internal error"
+        assert await client.ask("empty") == "TEMP internal error"
+        client.close()
+
+
+@aio
+async def test_bad_payload_is_answered_perm_and_the_connection_stays() -> None:
+    responder = FakeResponder()
+    async with serving(responder) as server:
+        client = await Client.inet(server)
+        for payload, reason in [
+            (b"postfix", "PERM request is not 'NAME key'"),
+            (b" example.com", "PERM request has an empty map name"),
+            (b"postfix ", "PERM request has an empty key"),
+            (b"postfix exa\xffmple.com", "PERM request is not valid UTF-8"),
+            (b"postfix exa\x00mple.com", "PERM request contains a control character"),
+        ]:
+            await client.send_raw(encode(payload))
+            assert await client.reply() == reason
+        assert await client.ask("good.example") == "OK secure match=good.example"
+        assert server.bad_requests == 5
+        client.close()
+    assert responder.calls == [("postfix", "good.example")]
+
+
+@aio
+async def test_perm_reply_keeps_its_place_in_the_pipeline() -> None:
+    responder = FakeResponder()
+    async with serving(responder) as server:
+        client = await Client.inet(server)
+        await client.send_raw(encode(b"postfix slow1") + encode(b"postfix") + encode(b"x y"))
+        await responder.wait_for_call("y")
+        responder.resolve("slow1")
+        assert [await client.reply() for _ in range(3)] == [
+            "OK later slow1",
+            "PERM request is not 'NAME key'",
+            "OK secure match=y",
+        ]
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b"abc",
+        b"3:abcX",
+        b"01:a,",
+        b"-1:,",
+        b" 19:postfix example.com,",
+        b"19:postfix example.com;",
+        b"10001:",
+        b"99999999999",
+        b"19:postfix example.com,garbage",
+    ],
+)
+@aio
+async def test_framing_error_closes_the_connection(stream: bytes) -> None:
+    responder = FakeResponder()
+    async with serving(responder) as server:
+        client = await Client.inet(server)
+        await client.send_raw(stream)
+        assert await client.closed_by_server()
+        assert server.framing_errors == 1
+        # Other connections are not affected.
+        other = await Client.inet(server)
+        assert await other.ask("x.example") == "OK secure match=x.example"
+        other.close()
+    assert responder.calls == [("postfix", "x.example")]
+
+
+@aio
+async def test_framing_error_after_good_requests_closes_the_connection() -> None:
+    async with serving() as server:
+        client = await Client.inet(server)
+        assert await client.ask("a.example") == "OK secure match=a.example"
+        await client.send_raw(b"x")
+        assert await client.closed_by_server()
+
+
+@aio
+async def test_replies_are_delivered_after_the_client_half_closes() -> None:
+    responder = FakeResponder()
+    async with serving(responder) as server:
+        client = await Client.inet(server)
+        await client.send("slow1", "b.example")
+        client.writer.write_eof()
+        await responder.wait_for_call("b.example")
+        responder.resolve("slow1")
+        assert await client.reply() == "OK later slow1"
+        assert await client.reply() == "OK secure match=b.example"
+        assert await client.closed_by_server()
+
+
+@aio
+async def test_pipelining_limit_pauses_reading_without_losing_requests() -> None:
+    responder = FakeResponder()
+    async with serving(responder, max_pipelined=2) as server:
+        client = await Client.inet(server)
+        keys = [f"slow{i}" for i in range(8)]
+        for key in keys:
+            await client.send(key)
+        answered: list[str] = []
+        resolved = 0
+        while resolved < len(keys):
+            await wait_until(lambda: any(not f.done() for f in responder.futures.values()))
+            for key, future in list(responder.futures.items()):
+                if not future.done():
+                    responder.resolve(key)
+                    resolved += 1
+            while len(answered) < resolved:
+                answered.append(await client.reply())
+        assert answered == [f"OK later {key}" for key in keys]
+        client.close()
+
+
+# --- timeouts ----------------------------------------------------------------------------------
+
+
+@aio
+async def test_idle_connection_is_closed() -> None:
+    async with serving(idle_timeout=0.2) as server:
+        client = await Client.inet(server)
+        assert await client.ask("a.example") == "OK secure match=a.example"
+        assert await client.closed_by_server()
+        assert server.idle_timeouts == 1
+        await wait_until(lambda: server.connections == 0)
+
+
+@aio
+async def test_connection_with_a_request_in_flight_is_not_idle() -> None:
+    async with serving(idle_timeout=0.1, request_timeout=0.5) as server:
+        client = await Client.inet(server)
+        assert await client.ask("slow-hang") == "TEMP lookup timed out after 0.5s"
+        assert server.idle_timeouts == 0
+        assert await client.closed_by_server()
+        assert server.idle_timeouts == 1
+
+
+@aio
+async def test_request_that_does_not_complete_in_time_closes_the_connection() -> None:
+    responder = FakeResponder()
+    async with serving(responder, idle_timeout=60.0, frame_timeout=0.2) as server:
+        client = await Client.inet(server)
+        await client.send_raw(b"19:postfix exa")
+        assert await client.closed_by_server()
+        assert server.frame_timeouts == 1
+    assert responder.calls == []
+
+
+# --- connection limit ------------------------------------------------------------------------
+
+
+@aio
+async def test_connection_over_the_limit_waits_and_is_served_when_one_closes() -> None:
+    async with serving(max_connections=2) as server:
+        first = await Client.inet(server)
+        second = await Client.inet(server)
+        assert await first.ask("1.example") == "OK secure match=1.example"
+        assert await second.ask("2.example") == "OK secure match=2.example"
+        # The kernel completes the handshake (backlog); the server does not accept yet.
+        third = await Client.inet(server)
+        await third.send("3.example")
+        assert await third.no_reply_yet(0.3)
+        assert server.connections == 2
+        first.close()
+        assert await third.reply() == "OK secure match=3.example"
+        assert await second.ask("2.example") == "OK secure match=2.example"
+        assert server.connections == 2
+        assert server.connections_accepted == 3
+        second.close()
+        third.close()
+
+
+# --- graceful stop -----------------------------------------------------------------------------
+
+
+@aio
+async def test_stop_finishes_requests_in_flight_and_closes_idle_connections() -> None:
+    responder = FakeResponder()
+    server = Server(responder, ["inet:127.0.0.1:0"])
+    await server.start()
+    host, port = server.sockets[0].getsockname()[:2]
+    busy = await Client.inet(server)
+    idle = await Client.inet(server)
+    assert await idle.ask("a.example") == "OK secure match=a.example"
+    await busy.send("slow1")
+    await responder.wait_for_call("slow1")
+
+    stopping = asyncio.create_task(server.stop(grace_timeout=PATIENCE))
+    assert await idle.closed_by_server()
+    assert not stopping.done()
+    with pytest.raises(OSError):
+        await asyncio.open_connection(host, port)
+
+    responder.resolve("slow1")
+    assert await busy.reply() == "OK later slow1"
+    assert await busy.closed_by_server()
+    await stopping
+    assert server.connections == 0
+
+
+@aio
+async def test_stop_gives_up_on_requests_after_the_grace_timeout() -> None:
+    responder = FakeResponder()
+    server = Server(responder, ["inet:127.0.0.1:0"], request_timeout=60.0)
+    await server.start()
+    client = await Client.inet(server)
+    await client.send("slow-hang")
+    await responder.wait_for_call("slow-hang")
+    await server.stop(grace_timeout=0.2)
+    assert await client.closed_by_server()
+    assert server.connections == 0
+
+
+# --- listeners -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "listener"),
+    [
+        ("inet:127.0.0.1:8461", InetListener("inet:127.0.0.1:8461", "127.0.0.1", 8461)),
+        ("inet:[::1]:8461", InetListener("inet:[::1]:8461", "::1", 8461)),
+        ("inet:localhost:8461", InetListener("inet:localhost:8461", "localhost", 8461)),
+        ("inet:0.0.0.0:0", InetListener("inet:0.0.0.0:0", "0.0.0.0", 0)),
+        ("unix:/run/mtasts.sock", UnixListener("unix:/run/mtasts.sock", "/run/mtasts.sock")),
+        ("systemd", SystemdListener("systemd")),
+    ],
+)
+def test_listener_spec_is_parsed(spec: str, listener: object) -> None:
+    assert parse_listener(spec) == listener
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "",
+        "127.0.0.1:8461",
+        "tcp:127.0.0.1:8461",
+        "inet:127.0.0.1",
+        "inet::8461",
+        "inet:127.0.0.1:",
+        "inet:127.0.0.1:port",
+        "inet:127.0.0.1:65536",
+        "inet:127.0.0.1:-1",
+        "inet:::1:8461",
+        "inet:[::1]8461",
+        "inet:[127.0.0.1]:8461",
+        "inet:[::1:8461",
+        "inet:host name:8461",
+        "unix:",
+        "unix:relative/socket",
+        "unix:/" + "x" * 200,
+        "systemd:",
+    ],
+)
+def test_bad_listener_spec_is_refused_naming_the_spec(spec: str) -> None:
+    with pytest.raises(ListenerError) as info:
+        parse_listener(spec)
+    assert repr(spec) in str(info.value)
+
+
+def test_socket_file_options_apply_to_unix_listeners() -> None:
+    listener = parse_listener("unix:/run/s", mode=0o660, owner="postfix", group="")
+    assert listener == UnixListener("unix:/run/s", "/run/s", 0o660, "postfix", None)
+    assert parse_listener("inet:127.0.0.1:1", mode=0o600) == parse_listener("inet:127.0.0.1:1")
+    with pytest.raises(ListenerError):
+        parse_listener("unix:/run/s", mode=0o17777)
+
+
+@aio
+async def test_unix_socket_is_served_with_its_mode_owner_and_group(tmp_path: Path) -> None:
+    path = str(tmp_path / "mtasts.sock")
+    uid, gid = os.getuid(), os.getgid()
+    if uid == 0:
+        uid, gid = 65534, 65534  # nobody, nogroup: only root may give a file away
+    listener = parse_listener(f"unix:{path}", mode=0o640, owner=str(uid), group=gid)
+    async with serving(listeners=(listener,)) as server:
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o640
+        assert (st.st_uid, st.st_gid) == (uid, gid)
+        client = await Client.unix(path)
+        assert await client.ask("a.example") == "OK secure match=a.example"
+        assert await client.ask("b.example") == "OK secure match=b.example"
+        client.close()
+        assert server.requests == 2
+    assert not os.path.exists(path)
+
+
+@aio
+async def test_unix_socket_owner_may_be_a_name(tmp_path: Path) -> None:
+    path = str(tmp_path / "named.sock")
+    import grp
+    import pwd
+
+    user = pwd.getpwuid(os.getuid()).pw_name
+    group = grp.getgrgid(os.getgid()).gr_name
+    listener = parse_listener(f"unix:{path}", owner=user, group=group)
+    async with serving(listeners=(listener,)):
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
+    with pytest.raises(ListenerError, match="unknown socket owner"):
+        Server(FakeResponder(), [parse_listener(f"unix:{path}", owner="no-such-user-x")]).bind()
+
+
+@aio
+async def test_stale_unix_socket_file_is_replaced(tmp_path: Path) -> None:
+    path = str(tmp_path / "stale.sock")
+    old = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old.bind(path)
+    old.close()  # the file stays behind, as after a crash
+    async with serving(listeners=(f"unix:{path}",)):
+        client = await Client.unix(path)
+        assert await client.ask("a.example") == "OK secure match=a.example"
+        client.close()
+
+
+def test_live_unix_socket_or_other_file_is_not_taken(tmp_path: Path) -> None:
+    path = str(tmp_path / "live.sock")
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(path)
+    live.listen()
+    try:
+        with pytest.raises(ListenerError, match="another process listens"):
+            Server(FakeResponder(), [f"unix:{path}"]).bind()
+    finally:
+        live.close()
+    regular = tmp_path / "file"
+    regular.write_text("keep me")
+    with pytest.raises(ListenerError, match="not a socket"):
+        Server(FakeResponder(), [f"unix:{regular}"]).bind()
+    assert regular.read_text() == "keep me"
+
+
+def test_address_in_use_is_an_error_naming_the_listener() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(ListenerError, match=f"inet:127.0.0.1:{port}"):
+            Server(FakeResponder(), [f"inet:127.0.0.1:{port}"]).bind()
+    finally:
+        taken.close()
+
+
+def test_failed_bind_leaves_nothing_bound(tmp_path: Path) -> None:
+    path = str(tmp_path / "first.sock")
+    server = Server(FakeResponder(), [f"unix:{path}", "inet:192.0.2.1:0"])
+    with pytest.raises(ListenerError, match="192.0.2.1"):
+        server.bind()
+    assert server.sockets == []
+    assert not os.path.exists(path)
+
+
+@aio
+async def test_ipv6_loopback_and_localhost_listeners_serve() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    async with serving(listeners=("inet:[::1]:0", "inet:localhost:0")) as server:
+        assert len(server.sockets) >= 2
+        for index in range(len(server.sockets)):
+            client = await Client.inet(server, index)
+            assert await client.ask("v6.example") == "OK secure match=v6.example"
+            client.close()
+
+
+@aio
+async def test_bind_happens_before_start_and_start_serves_those_sockets() -> None:
+    server = Server(FakeResponder(), ["inet:127.0.0.1:0"])
+    server.bind()
+    sockets = server.sockets
+    assert len(sockets) == 1
+    await server.start()
+    assert server.sockets == sockets
+    client = await Client.inet(server)
+    assert await client.ask("a.example") == "OK secure match=a.example"
+    client.close()
+    await server.stop()
+
+
+@aio
+async def test_update_listeners_keeps_unchanged_opens_new_and_closes_removed(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "new.sock")
+    async with serving(listeners=("inet:127.0.0.1:0",)) as server:
+        kept = server.sockets[0]
+        host, port = kept.getsockname()[:2]
+        connected = await Client.inet(server)
+
+        server.update_listeners(["inet:127.0.0.1:0", f"unix:{path}"])
+        assert server.sockets[0] is kept
+        unix_client = await Client.unix(path)
+        assert await unix_client.ask("u.example") == "OK secure match=u.example"
+
+        server.update_listeners([f"unix:{path}"])
+        assert [listener.spec for listener in server.listeners] == [f"unix:{path}"]
+        with pytest.raises(OSError):
+            await asyncio.open_connection(host, port)
+        # A connection made through a removed listener goes on.
+        assert await connected.ask("c.example") == "OK secure match=c.example"
+        connected.close()
+        unix_client.close()
+
+        with pytest.raises(ListenerError, match="bad:spec"):
+            server.update_listeners([f"unix:{path}", "bad:spec"])
+    assert not os.path.exists(path)
+
+
+@aio
+async def test_update_listeners_reports_what_cannot_be_bound_and_applies_the_rest(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "other.sock")
+    async with serving() as server:
+        with pytest.raises(ListenerError, match="192.0.2.1"):
+            server.update_listeners([f"unix:{path}", "inet:192.0.2.1:0"])
+        assert [listener.spec for listener in server.listeners] == [f"unix:{path}"]
+        client = await Client.unix(path)
+        assert await client.ask("a.example") == "OK secure match=a.example"
+        client.close()
+
+
+# --- systemd socket activation --------------------------------------------------------------
+
+
+def test_systemd_fds_are_taken_only_for_this_process() -> None:
+    env = {"LISTEN_FDS": "2", "LISTEN_PID": "4242"}
+    assert systemd_fds(env, pid=4242) == [3, 4]
+    assert systemd_fds(env, pid=4243) == []
+    assert systemd_fds({"LISTEN_FDS": "1"}, pid=4242) == []
+    assert systemd_fds({}, pid=4242) == []
+    with pytest.raises(ListenerError, match="LISTEN_FDS"):
+        systemd_fds({"LISTEN_FDS": "x", "LISTEN_PID": "4242"}, pid=4242)
+
+
+def test_systemd_listener_without_passed_sockets_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    monkeypatch.delenv("LISTEN_PID", raising=False)
+    with pytest.raises(ListenerError, match="systemd"):
+        Server(FakeResponder(), ["systemd"]).bind()
+
+
+SYSTEMD_CHILD = textwrap.dedent(
+    """
+    import asyncio, os, sys
+
+    # What systemd does before exec: the socket at fd 3, LISTEN_PID naming the process.
+    fd = int(sys.argv[1])
+    if fd != 3:
+        os.dup2(fd, 3)
+        os.close(fd)
+    os.environ["LISTEN_FDS"] = "1"
+    os.environ["LISTEN_PID"] = str(os.getpid())
+
+    from postfix_mtasts.server import Server
+
+    class Responder:
+        def lookup(self, name, key):
+            return "OK secure match=" + key
+
+    async def main():
+        server = Server(Responder(), sys.argv[2:])
+        await server.start()
+        print(" ".join(listener.spec for listener in server.listeners), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await server.stop()
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("specs", [[], ["systemd"]])
+@aio
+async def test_systemd_activated_socket_is_served(specs: list[str]) -> None:
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    host, port = listening.getsockname()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", SYSTEMD_CHILD, str(listening.fileno()), *specs],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        pass_fds=[listening.fileno()],
+        env=env,
+        text=True,
+    )
+    listening.close()
+    try:
+        assert child.stdout is not None
+        line = await asyncio.to_thread(child.stdout.readline)
+        assert line.split() == ["systemd"]
+        client = Client(*await asyncio.open_connection(host, port))
+        assert await client.ask("sd.example") == "OK secure match=sd.example"
+        client.close()
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        assert await asyncio.to_thread(child.wait, PATIENCE) == 0

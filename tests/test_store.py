@@ -1,0 +1,456 @@
+"""store/: the same behaviour from every backend, and a SQLite file that survives restarts, other
+processes, locks and damage without ever crashing its caller."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pwd
+import shutil
+import sqlite3
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postfix_mtasts.store import (
+    MAX_POLICY_TEXT,
+    CorruptStoreError,
+    Entry,
+    Store,
+    StoreError,
+    open_store,
+)
+from postfix_mtasts.store.sqlite import SCHEMA_VERSION, move_aside
+
+POLICY = "version: STSv1\nmode: enforce\nmx: mail.example.com\nmx: *.example.net\nmax_age: 86400\n"
+
+Opener = Callable[..., Store]
+
+
+def entry(domain: str = "example.com", **changes: Any) -> Entry:
+    base = Entry(
+        domain=domain,
+        record_id="20240101T000000",
+        policy_text=POLICY,
+        fetched_at=1000.0,
+        expires_at=87400.0,
+        checked_at=1100.0,
+        last_used=1200.0,
+        last_error="",
+        backoff_until=0.0,
+    )
+    return replace(base, **changes)
+
+
+@pytest.fixture
+def cache_path(tmp_path: Path) -> str:
+    return str(tmp_path / "state" / "postfix-mtasts" / "cache.sqlite")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, cache_path: str) -> Iterator[Store]:
+    opened = open_store(request.param, cache_path)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def open_sqlite(cache_path: str) -> Iterator[Opener]:
+    """Opens SQLite stores on one file; closes them all at the end."""
+    opened: list[Store] = []
+
+    def open_(path: str = cache_path, **kwargs: Any) -> Store:
+        s = open_store("sqlite", path, **kwargs)
+        opened.append(s)
+        return s
+
+    yield open_
+    for s in opened:
+        s.close()
+
+
+# --- every backend -------------------------------------------------------------------------------
+
+
+def test_an_unknown_domain_has_no_entry(store: Store) -> None:
+    assert store.get("example.com") is None
+    assert store.entries() == []
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        entry(),
+        entry(last_error="policy fetch failed (certificate expired)", backoff_until=1500.5),
+        # A domain remembered as having no policy.
+        entry(record_id=None, policy_text=None, fetched_at=None, expires_at=None),
+        entry(checked_at=None),
+        entry("xn--bcher-kva.example", policy_text=POLICY + "note: grüße ✉\n"),
+        entry(policy_text="x" * MAX_POLICY_TEXT),
+    ],
+)
+def test_an_entry_reads_back_as_it_was_put(store: Store, stored: Entry) -> None:
+    store.put(stored)
+    assert store.get(stored.domain) == stored
+    assert store.entries() == [stored]
+
+
+def test_put_replaces_the_entry_of_the_domain(store: Store) -> None:
+    store.put(entry())
+    newer = entry(record_id="2", policy_text=None, last_error="mode none", last_used=5.0)
+    store.put(newer)
+    assert store.get("example.com") == newer
+    assert len(store.entries()) == 1
+
+
+def test_delete_forgets_one_domain(store: Store) -> None:
+    store.put(entry("a.example"))
+    store.put(entry("b.example"))
+    store.delete("a.example")
+    store.delete("never-stored.example")
+    assert store.get("a.example") is None
+    assert [e.domain for e in store.entries()] == ["b.example"]
+
+
+def test_touch_moves_last_used_forward_only(store: Store) -> None:
+    store.put(entry("a.example", last_used=100.0))
+    store.put(entry("b.example", last_used=100.0))
+    store.touch({"a.example": 200.0, "b.example": 50.0, "unknown.example": 300.0})
+    store.touch({})
+    assert store.get("a.example") == entry("a.example", last_used=200.0)
+    assert store.get("b.example") == entry("b.example", last_used=100.0)
+    assert store.get("unknown.example") is None
+
+
+def test_purge_unused_deletes_entries_last_used_before_the_time(store: Store) -> None:
+    for i in range(5):
+        store.put(entry(f"d{i}.example", last_used=float(i)))
+    assert store.purge_unused(3.0) == 3
+    assert sorted(e.domain for e in store.entries()) == ["d3.example", "d4.example"]
+    assert store.purge_unused(3.0) == 0
+
+
+def test_an_oversized_policy_text_is_refused(store: Store) -> None:
+    with pytest.raises(StoreError, match=r"example\.com: policy text of 65537 characters"):
+        store.put(entry(policy_text="x" * (MAX_POLICY_TEXT + 1)))
+    assert store.get("example.com") is None
+
+
+def test_a_closed_store_raises_store_error(store: Store) -> None:
+    store.put(entry())
+    store.close()
+    store.close()
+    for call in (
+        lambda: store.get("example.com"),
+        lambda: store.put(entry()),
+        lambda: store.delete("example.com"),
+        store.entries,
+        lambda: store.touch({"example.com": 1.0}),
+        lambda: store.purge_unused(1.0),
+    ):
+        with pytest.raises(StoreError, match="closed"):
+            call()
+
+
+def test_threads_share_one_store(store: Store) -> None:
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(100):
+                domain = f"d{i}.t{n}.example"
+                store.put(entry(domain, last_used=float(i)))
+                assert store.get(domain) == entry(domain, last_used=float(i))
+                store.touch({domain: 1e6})
+                if i % 10 == 0:
+                    store.entries()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(store.entries()) == 800
+    assert {e.last_used for e in store.entries()} == {1e6}
+
+
+def test_open_store_rejects_an_unknown_backend(cache_path: str) -> None:
+    with pytest.raises(ValueError, match="mysql"):
+        open_store("mysql", cache_path)
+
+
+# --- SQLite: the file ----------------------------------------------------------------------------
+
+
+def test_the_cache_survives_a_reopen(open_sqlite: Opener) -> None:
+    first = open_sqlite()
+    first.put(entry("a.example"))
+    first.put(entry("b.example", policy_text=None))
+    first.close()
+    second = open_sqlite()
+    assert sorted(second.entries(), key=lambda e: e.domain) == [
+        entry("a.example"),
+        entry("b.example", policy_text=None),
+    ]
+
+
+def test_the_file_is_created_private_in_wal_mode(open_sqlite: Opener, cache_path: str) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        open_sqlite().put(entry())
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(os.stat(os.path.dirname(cache_path)).st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(cache_path).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(cache_path + "-wal").st_mode) == 0o640
+    raw = sqlite3.connect(cache_path)
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    finally:
+        raw.close()
+
+
+def test_two_stores_on_one_file_see_each_others_writes(open_sqlite: Opener) -> None:
+    one, two = open_sqlite(), open_sqlite()
+    one.put(entry("a.example"))
+    two.put(entry("b.example"))
+    two.touch({"a.example": 5000.0})
+    one.delete("b.example")
+    assert two.entries() == [entry("a.example", last_used=5000.0)]
+    assert one.get("a.example") == entry("a.example", last_used=5000.0)
+
+
+def _write_from_process(path: str, n: int) -> None:
+    s = open_store("sqlite", path, busy_timeout=30.0)
+    for i in range(100):
+        s.put(entry(f"d{i}.p{n}.example", last_used=float(i)))
+        s.touch({f"shared{i}.example": 1e6 + n})
+    s.close()
+
+
+def test_several_processes_write_one_file(cache_path: str, open_sqlite: Opener) -> None:
+    parent = open_sqlite()
+    for i in range(100):
+        parent.put(entry(f"shared{i}.example", last_used=float(i)))
+    ctx = multiprocessing.get_context("fork")
+    processes = [ctx.Process(target=_write_from_process, args=(cache_path, n)) for n in range(4)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(60)
+    assert [p.exitcode for p in processes] == [0, 0, 0, 0]
+    entries = parent.entries()
+    assert len(entries) == 500
+    assert all(parent.get(f"d{i}.p{n}.example") for i in range(100) for n in range(4))
+    # Every process touched the shared rows; the latest time wins, whatever the order.
+    assert {e.last_used for e in entries if e.domain.startswith("shared")} == {1e6 + 3}
+
+
+def _open_new_file_at_once(path: str, n: int, barrier: Any) -> None:
+    barrier.wait()
+    s = open_store("sqlite", path, busy_timeout=30.0)
+    s.put(entry(f"p{n}.example"))
+    s.close()
+
+
+def test_several_processes_create_one_new_file_at_once(
+    cache_path: str, open_sqlite: Opener
+) -> None:
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(8)
+    processes = [
+        ctx.Process(target=_open_new_file_at_once, args=(cache_path, n, barrier)) for n in range(8)
+    ]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(60)
+    assert [p.exitcode for p in processes] == [0] * 8
+    assert len(open_sqlite().entries()) == 8
+
+
+def test_a_file_of_garbage_is_a_corrupt_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    path.write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(CorruptStoreError) as caught:
+        open_store("sqlite", str(path))
+    assert str(caught.value) == f"{path}: cannot open: file is not a database"
+
+
+def test_a_cache_with_damaged_pages_is_a_corrupt_store_error(
+    open_sqlite: Opener, cache_path: str
+) -> None:
+    s = open_sqlite()
+    for i in range(300):
+        s.put(entry(f"d{i}.example"))
+    s.close()
+    with open(cache_path, "r+b") as f:
+        f.seek(4096 * 2)
+        f.write(b"\x55" * 4096 * 4)
+    with pytest.raises(CorruptStoreError, match=rf"^{cache_path}: .*malformed"):
+        open_sqlite()
+
+
+def test_a_damaged_file_moved_aside_gives_an_empty_cache(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    path.write_bytes(b"garbage" * 1000)
+    with pytest.raises(CorruptStoreError):
+        open_store("sqlite", str(path))
+    aside = move_aside(str(path))
+    assert aside.startswith(f"{path}.damaged-")
+    assert Path(aside).read_bytes() == b"garbage" * 1000
+    fresh = open_store("sqlite", str(path))
+    assert fresh.entries() == []
+    fresh.close()
+
+
+def test_move_aside_of_a_missing_file_is_a_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="cannot move aside: No such file"):
+        move_aside(str(tmp_path / "absent.sqlite"))
+
+
+def test_a_sqlite_file_of_another_program_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.sqlite"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE accounts (name TEXT)")
+    raw.commit()
+    raw.close()
+    with pytest.raises(CorruptStoreError, match="not a postfix-mtasts cache"):
+        open_store("sqlite", str(path))
+
+
+def test_a_cache_of_a_newer_version_is_refused_and_left_alone(
+    open_sqlite: Opener, cache_path: str
+) -> None:
+    open_sqlite().close()
+    raw = sqlite3.connect(cache_path)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.commit()
+    raw.close()
+    with pytest.raises(StoreError, match=r"newer postfix-mtasts \(cache schema 2") as caught:
+        open_sqlite()
+    assert not isinstance(caught.value, CorruptStoreError)
+
+
+def test_tampered_rows_read_as_absent(open_sqlite: Opener, cache_path: str) -> None:
+    s = open_sqlite()
+    s.put(entry("good.example"))
+    raw = sqlite3.connect(cache_path)
+    raw.execute(
+        "INSERT INTO entries VALUES ('huge.example', 'x', ?, 1, 2, 3, 4, '', 0)",
+        ("x" * (MAX_POLICY_TEXT + 1),),
+    )
+    raw.execute("INSERT INTO entries VALUES ('typed.example', 'x', 'p', 'soon', 2, 3, 4, '', 0)")
+    raw.commit()
+    raw.close()
+    assert s.get("huge.example") is None
+    assert s.get("typed.example") is None
+    assert s.entries() == [entry("good.example")]
+    # The next put for such a domain overwrites the row.
+    s.put(entry("huge.example"))
+    assert s.get("huge.example") == entry("huge.example")
+
+
+def test_a_locked_file_fails_writes_after_the_busy_timeout(
+    open_sqlite: Opener, cache_path: str
+) -> None:
+    s = open_sqlite(busy_timeout=0.3)
+    s.put(entry("a.example"))
+    holder = sqlite3.connect(cache_path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=rf"^{cache_path}: cannot store b\.example: .*locked"):
+            s.put(entry("b.example"))
+        assert time.monotonic() - started >= 0.25
+        with pytest.raises(StoreError, match="locked"):
+            s.touch({"a.example": 2000.0})
+        with pytest.raises(StoreError, match="locked"):
+            s.purge_unused(1e9)
+        # WAL: readers do not wait for the writer.
+        assert s.get("a.example") == entry("a.example")
+        # Nor does opening a file whose schema exists.
+        open_sqlite(busy_timeout=0.3).get("a.example")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    s.put(entry("b.example"))
+    s.touch({"a.example": 2000.0})
+    assert s.get("a.example") == entry("a.example", last_used=2000.0)
+    assert len(s.entries()) == 2
+
+
+@pytest.mark.parametrize(
+    ("relative", "cause"),
+    [
+        ("file/cache.sqlite", "{tmp}/file: not a directory"),
+        ("file/sub/cache.sqlite", "{tmp}/file/sub: Not a directory"),
+    ],
+)
+def test_a_path_below_a_regular_file_is_a_store_error(
+    tmp_path: Path, relative: str, cause: str
+) -> None:
+    (tmp_path / "file").write_text("")
+    path = tmp_path / relative
+    with pytest.raises(StoreError) as caught:
+        open_store("sqlite", str(path))
+    assert str(caught.value) == f"{path}: cannot open: {cause.format(tmp=tmp_path)}"
+
+
+def test_a_directory_as_the_cache_file_is_a_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=rf"^{tmp_path}: cannot open: Is a directory"):
+        open_store("sqlite", str(tmp_path))
+
+
+def _open_unprivileged(path: str, results: Any) -> None:
+    if os.geteuid() == 0:
+        # root ignores file permissions: become nobody to meet them.
+        nobody = pwd.getpwnam("nobody")
+        os.setgroups([])
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+    try:
+        open_store("sqlite", path).close()
+        results.put("opened")
+    except StoreError as exc:
+        results.put(f"StoreError: {exc}")
+
+
+@pytest.mark.parametrize(
+    ("relative", "cause"),
+    [
+        ("cache.sqlite", "cannot open: Permission denied"),
+        ("sub/cache.sqlite", "cannot open: {dir}/sub: Permission denied"),
+        ("readonly.sqlite", "cannot open: Permission denied"),
+    ],
+)
+def test_an_unwritable_place_is_a_store_error(relative: str, cause: str) -> None:
+    # Under /tmp rather than tmp_path: the unprivileged user must be able to reach it.
+    directory = tempfile.mkdtemp(prefix="postfix-mtasts-test-")
+    try:
+        readonly = os.path.join(directory, "readonly.sqlite")
+        open_store("sqlite", readonly).close()
+        os.chmod(readonly, 0o444)
+        os.chmod(directory, 0o555)
+        path = os.path.join(directory, relative)
+        ctx = multiprocessing.get_context("fork")
+        results = ctx.SimpleQueue()
+        process = ctx.Process(target=_open_unprivileged, args=(path, results))
+        process.start()
+        process.join(30)
+        assert process.exitcode == 0
+        assert results.get() == f"StoreError: {path}: {cause.format(dir=directory)}"
+    finally:
+        os.chmod(directory, 0o755)
+        shutil.rmtree(directory)
