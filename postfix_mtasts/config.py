@@ -199,7 +199,7 @@ def _parse(top: _Table) -> Config:
             top.fail(f"listen[{i}]", str(exc))
 
     t = top.table("server")
-    s = ServerConfig()
+    s = d.server
     server = ServerConfig(
         max_connections=t.integer("max_connections", s.max_connections, minimum=1),
         idle_timeout=t.seconds("idle_timeout", s.idle_timeout),
@@ -214,7 +214,7 @@ def _parse(top: _Table) -> Config:
     t.close()
 
     t = top.table("log")
-    lg = LogConfig()
+    lg = d.log
     log = LogConfig(
         level=t.choice("level", lg.level, get_args(LogLevel)),
         syslog=t.boolean("syslog", lg.syslog),
@@ -226,7 +226,7 @@ def _parse(top: _Table) -> Config:
     t.close()
 
     t = top.table("dns")
-    dn = DnsConfig()
+    dn = d.dns
     nameservers = t.strings("nameservers", dn.nameservers)
     for i, spec in enumerate(nameservers):
         try:
@@ -241,7 +241,7 @@ def _parse(top: _Table) -> Config:
     t.close()
 
     t = top.table("https")
-    h = HttpsConfig()
+    h = d.https
     ca_file = t.path("ca_file", h.ca_file)
     # A CA file that is not there would fail every fetch, and every domain would silently fall
     # back to "no policy" (RFC 8461 fails open): refuse it now rather than at the first fetch.

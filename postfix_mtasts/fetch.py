@@ -301,7 +301,7 @@ class Fetcher:
         if time.monotonic() >= deadline:
             raise FetchError(self._timed_out(url))
         tried = ", ".join(str(failure) for failure in failures)
-        raise FetchError(f"{url}: cannot connect to {tried}") from failures[-1]
+        raise FetchError(f"{url}: cannot connect to {tried}") from failures[-1].__cause__
 
     # -- steps of get() --------------------------------------------------------------------------
 
@@ -382,7 +382,7 @@ class Fetcher:
                     proxies=self._proxies,
                     verify=True,
                 )
-            except requests.RequestException as exc:
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 raise self._request_failed(url, address, exc, deadline) from exc
             try:
                 self._check_response(url, response)
@@ -390,9 +390,7 @@ class Fetcher:
             finally:
                 response.close()
 
-    def _request_failed(
-        self, url: str, address: str, exc: requests.RequestException, deadline: float
-    ) -> Exception:
+    def _request_failed(self, url: str, address: str, exc: Exception, deadline: float) -> Exception:
         verify_error = _find(exc, ssl.SSLCertVerificationError)
         if isinstance(verify_error, ssl.SSLCertVerificationError):
             reason = verify_error.verify_message or verify_error.reason or str(verify_error)

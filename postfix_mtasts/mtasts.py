@@ -145,15 +145,14 @@ def is_hostname(name: str) -> bool:
     if labels[-1].isdigit():
         return False
     for label in labels:
-        # An A-label must decode to a valid U-label (RFC 5890 §2.3.2.1).
-        if label[2:4] == "--" and label.startswith("xn--"):
+        # An A-label must decode to a valid U-label (RFC 5890 §2.3.2.1). Other labels with "--"
+        # in positions 3 and 4 (R-LDH, e.g. "r3---sn-x") are not IDNA labels, but they are valid
+        # RFC 5321 Domain labels and real host names, so they stay allowed.
+        if label.startswith("xn--"):
             try:
                 idna.decode(label)
             except idna.IDNAError:
                 return False
-        elif label[2:4] == "--":
-            # RFC 5891 §4.2.3.1: hyphens in positions 3 and 4 are reserved for A-labels.
-            return False
     return True
 
 
@@ -304,7 +303,11 @@ def parse_record(text: str, domain: str = "") -> Record:
 
 _POLICY_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 # sts-policy-ext-value: visible ASCII or non-ASCII UTF-8, with inner spaces; no tabs inside.
-_POLICY_VALUE = re.compile(r"[^\x00-\x20\x7f](?:[^\x00-\x1f\x7f]*[^\x00-\x20\x7f])?")
+# Surrogates are not UTF-8 (RFC 3629 §3): a str given directly must not carry them in.
+_POLICY_VALUE = re.compile(
+    r"[^\x00-\x20\x7f\ud800-\udfff]"
+    r"(?:[^\x00-\x1f\x7f\ud800-\udfff]*[^\x00-\x20\x7f\ud800-\udfff])?"
+)
 _MAX_AGE = re.compile(r"[0-9]{1,10}")
 
 

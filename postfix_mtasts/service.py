@@ -26,7 +26,8 @@ from postfix_mtasts.fetch import Fetcher
 from postfix_mtasts.policydb import CacheSettings, Decision, PolicyDB
 from postfix_mtasts.resolver import Resolver
 from postfix_mtasts.server import Listener, ListenerError, Server, parse_listener
-from postfix_mtasts.store import Store, StoreError, open_store
+from postfix_mtasts.store import CorruptStoreError, Store, StoreError, open_store
+from postfix_mtasts.store.sqlite import move_aside
 
 __all__ = ["Responder", "run"]
 
@@ -91,11 +92,24 @@ def cache_settings(settings: config.Config) -> CacheSettings:
 
 def make_store(settings: config.Config) -> Store:
     """The configured store; a memory store when it cannot be opened (lookups go on)."""
+    backend, path = settings.cache.backend, settings.cache.path
     try:
-        return open_store(settings.cache.backend, settings.cache.path)
+        return open_store(backend, path)
+    except CorruptStoreError as exc:
+        # A damaged file stays damaged: keep it for inspection and start an empty cache, so that
+        # every later restart is not memory-only too.
+        try:
+            aside = move_aside(path)
+            store = open_store(backend, path)
+        except StoreError as again:
+            log.error("cache is damaged (%s) and cannot be replaced (%s)", exc, again)
+        else:
+            log.error("cache was damaged (%s); moved it to %s and started anew", exc, aside)
+            return store
     except StoreError as exc:
-        log.error("cannot open the cache (%s); caching in memory only until restart", exc)
-        return open_store("memory", "")
+        log.error("cannot open the cache (%s)", exc)
+    log.error("caching in memory only until the next restart")
+    return open_store("memory", "")
 
 
 def listeners(settings: config.Config) -> list[Listener]:
@@ -310,16 +324,17 @@ def run(
     if detach:
         import daemon
 
+        pid_path = pid_file or settings.server.pid_file
         context = daemon.DaemonContext(
             files_preserve=[sock.fileno() for sock in server.sockets],
-            pidfile=_PidFile(pid_file or settings.server.pid_file),
+            pidfile=_PidFile(pid_path) if pid_path else None,
             detach_process=True,
             umask=0o022,
         )
         context.open()
         setup_logging(settings)  # the daemon context closed the old handler's stream
     try:
-        if identity is not None:
+        if detach and identity is not None:
             _drop_privileges(identity, settings)
         asyncio.run(_Daemon(settings, config_path, server).main())
     except OSError as exc:

@@ -162,12 +162,15 @@ class SqliteStore:
                 raise StoreError(f"{self.path}: {doing}: the store is closed")
             try:
                 yield db
-            except sqlite3.Error as exc:
-                # SQLite may have rolled back already; the original error is the one to report.
+            except BaseException as exc:
+                # Never leave a transaction open on the shared connection. SQLite may have rolled
+                # back already; the original error is the one to report.
                 if db.in_transaction:
                     with suppress(sqlite3.Error):
                         db.execute("ROLLBACK")
-                raise self._error(doing, exc) from exc
+                if isinstance(exc, sqlite3.Error):
+                    raise self._error(doing, exc) from exc
+                raise
 
     def get(self, domain: str) -> Entry | None:
         with self._connection(f"cannot read {domain}") as db:
