@@ -284,7 +284,7 @@ class Fetcher:
             found = self._resolver.addresses(host)
         except (DNSNotFound, DNSTemporaryError) as exc:
             raise FetchError(f"{url}: {exc}") from exc
-        addresses = self._allowed_addresses(url, found)
+        addresses = self._allowed_addresses(url, host, found)
 
         deadline = time.monotonic() + self.timeout
         context = self._ssl_context(deadline)
@@ -305,7 +305,11 @@ class Fetcher:
 
     # -- steps of get() --------------------------------------------------------------------------
 
-    def _allowed_addresses(self, url: str, found: Sequence[str]) -> list[str]:
+    def _allowed_addresses(self, url: str, host: str, found: Sequence[str]) -> list[str]:
+        """The addresses that may be connected to, in the resolver's order. Non-public ones are
+        left out; only when nothing is left is the fetch refused, naming what was found."""
+        if not found:
+            raise FetchError(f"{url}: {host} has no address")
         allowed: list[str] = []
         refused: list[str] = []
         for text in found:
@@ -395,6 +399,10 @@ class Fetcher:
         if isinstance(verify_error, ssl.SSLCertVerificationError):
             reason = verify_error.verify_message or verify_error.reason or str(verify_error)
             return CertificateError(f"{url}: certificate verify failed: {reason}")
+        proxy_error = _find(exc, urllib3.exceptions.ProxyError)
+        if proxy_error is not None:
+            # Checked before connection errors: it wraps the failure to reach the proxy itself.
+            return FetchError(f"{url}: proxy failed: {_plain_cause(proxy_error)}")
         connect_error = _find(exc, urllib3.exceptions.ConnectTimeoutError)
         if connect_error is not None:
             if isinstance(connect_error, urllib3.exceptions.NewConnectionError):

@@ -229,15 +229,19 @@ def _reason(reason: str) -> str:
 
 def ok(data: str) -> bytes:
     """The reply ``OK <data>``; raises `ReplyError` for empty data or a reply over `MAX_REPLY`."""
+    return _ok("OK " + data, data)
+
+
+def _ok(payload: str, data: str) -> bytes:
     # socketmap_table(5): an OK with empty data is a configuration error in Postfix.
-    if not data.strip():
+    if not data or data.isspace():
         raise ReplyError("OK reply with empty data")
     if _CONTROL.search(data) is not None:
         raise ReplyError("OK reply data contains a control character")
-    payload = b"OK " + data.encode()
-    if len(payload) > MAX_REPLY:
-        raise ReplyError(f"OK reply of {len(payload)} bytes exceeds {MAX_REPLY} bytes")
-    return encode(payload)
+    raw = payload.encode()
+    if len(raw) > MAX_REPLY:
+        raise ReplyError(f"OK reply of {len(raw)} bytes exceeds {MAX_REPLY} bytes")
+    return b"%d:%s," % (len(raw), raw)
 
 
 def notfound() -> bytes:
@@ -263,7 +267,7 @@ def encode_reply(payload: str) -> bytes:
     """
     status, space, data = payload.partition(" ")
     if status == "OK":
-        return ok(data)
+        return _ok(payload, data)
     if status == "NOTFOUND":
         if payload != "NOTFOUND ":
             raise ReplyError("NOTFOUND reply must be exactly 'NOTFOUND '")

@@ -86,6 +86,13 @@ class _Slot:
         self.pending: asyncio.Future[tuple[Entry, Decision]] | None = None
 
 
+def _unexpired(decision: Decision, now: float) -> Decision:
+    """``decision`` without its policy once that policy expired: never used after (§5)."""
+    if decision.policy is None or decision.expires_at is None or decision.expires_at > now:
+        return decision
+    return replace(decision, policy=None, policy_text=None, expires_at=None, error="expired")
+
+
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "never"
@@ -164,7 +171,8 @@ class PolicyDB:
         except Exception as exc:
             log.error("%s: lookup failed unexpectedly: %s", domain, exc)
             return Decision(domain, None, error=f"internal error: {exc}")
-        return decision
+        # A lookup that straddled the expiry of the policy it kept must not hand it out (§5).
+        return _unexpired(decision, self._clock())
 
     # ---------------------------------------------------------------------------------------------
     # Lookups in the thread pool.
@@ -247,6 +255,10 @@ class PolicyDB:
                     return entry, decision
         if cached is not None and entry is not None and (entry.expires_at or 0.0) <= now:
             cached = None
+        if cached is None and entry is not None and entry.last_error and now < entry.backoff_until:
+            # §3.3: a failed attempt is not repeated within the retry interval, also when the
+            # policy it failed to refresh has expired meanwhile.
+            return entry, self._decision(entry, None)
         started = time.monotonic()
         self.network_lookups += 1
         new_entry, decision, outcome = self._revalidate(domain, entry, cached, now)
@@ -254,7 +266,7 @@ class PolicyDB:
         elapsed = (time.monotonic() - started) * 1000
         log.info("%s: %s (%.0f ms)", domain, outcome, elapsed)
         self._save(new_entry)
-        return new_entry, decision
+        return new_entry, _unexpired(decision, self._clock())
 
     def _revalidate(
         self, domain: str, entry: Entry | None, cached: Policy | None, now: float

@@ -36,7 +36,7 @@ def policy_domain(key: str) -> str | None:
     next hops (``[host]``, ``[host]:port``: no MX lookup chose the host), IP addresses and anything
     that is not a domain name. ``domain:port`` stands for ``domain``.
     """
-    if not key or key[0] in ".[":
+    if not key or key[0] in ".[" or any(c.isspace() for c in key):
         return None
     host, colon, port = key.rpartition(":")
     if colon:

@@ -81,12 +81,11 @@ def parse_nameserver(text: str) -> tuple[str, int]:
             if not port_text:
                 raise ValueError(f"nameserver {text!r}: empty port")
         try:
-            if ipaddress.ip_address(host).version != 6:
-                raise ValueError(f"nameserver {text!r}: only IPv6 addresses go in brackets")
+            bracketed = ipaddress.ip_address(host)
         except ValueError as exc:
-            if "brackets" in str(exc):
-                raise
             raise ValueError(f"nameserver {text!r}: {host!r} is not an IPv6 address") from exc
+        if bracketed.version != 6:
+            raise ValueError(f"nameserver {text!r}: only IPv6 addresses go in brackets")
     elif value.count(":") == 1:
         # "192.0.2.53:5353"; more than one colon can only be a bare IPv6 address.
         host, port_text = value.split(":")

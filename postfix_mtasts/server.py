@@ -235,14 +235,14 @@ class _Bound:
         self.sockets = []
 
 
-def _bind(listener: Listener, backlog: int) -> _Bound:
+def _bind(listener: Listener, backlog: int, passed_fds: Sequence[int]) -> _Bound:
     try:
         if isinstance(listener, InetListener):
             return _Bound(listener, _bind_inet(listener, backlog))
         if isinstance(listener, UnixListener):
             return _bind_unix(listener, backlog)
         if isinstance(listener, SystemdListener):
-            return _Bound(listener, _adopt_systemd(systemd_fds()))
+            return _Bound(listener, _adopt_systemd(passed_fds))
     except ListenerError:
         raise
     except OSError as exc:
@@ -299,10 +299,16 @@ def _bind_unix(listener: UnixListener, backlog: int) -> _Bound:
         identity = (st.st_dev, st.st_ino)
         try:
             # Before listen(): nobody can connect while the file has the umask's permissions.
-            if uid != -1 or gid != -1:
-                os.chown(path, uid, gid)
-            if listener.mode is not None:
-                os.chmod(path, listener.mode)
+            try:
+                if uid != -1 or gid != -1:
+                    os.chown(path, uid, gid)
+                if listener.mode is not None:
+                    os.chmod(path, listener.mode)
+            except OSError as exc:
+                raise ListenerError(
+                    f"listener {listener.spec!r}: cannot set the owner, group or mode of "
+                    f"{path}: {exc.strerror}"
+                ) from exc
             sock.listen(backlog)
             sock.setblocking(False)
         except BaseException:
@@ -368,24 +374,29 @@ def _adopt_systemd(fds: Sequence[int]) -> list[socket.socket]:
             "listener 'systemd': no sockets passed (LISTEN_FDS/LISTEN_PID not set for this process)"
         )
     sockets: list[socket.socket] = []
-    for fd in fds:
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError as exc:
-            raise ListenerError(
-                f"listener 'systemd': descriptor {fd} is not a socket: {exc.strerror}"
-            ) from exc
-        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
-        ):
-            sock.detach()
-            raise ListenerError(
-                f"listener 'systemd': descriptor {fd} is not a listening stream socket "
-                "(the .socket unit needs Accept=no and ListenStream=)"
-            )
-        os.set_inheritable(fd, False)
-        sock.setblocking(False)
-        sockets.append(sock)
+    try:
+        for fd in fds:
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError as exc:
+                raise ListenerError(
+                    f"listener 'systemd': descriptor {fd} is not a socket: {exc.strerror}"
+                ) from exc
+            if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+            ):
+                sock.detach()
+                raise ListenerError(
+                    f"listener 'systemd': descriptor {fd} is not a listening stream socket "
+                    "(the .socket unit needs Accept=no and ListenStream=)"
+                )
+            sockets.append(sock)
+            os.set_inheritable(fd, False)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     return sockets
 
 
@@ -756,8 +767,8 @@ class Server:
     Use: `bind()` (optional, to bind before dropping privileges), `await start()`, and on
     shutdown `await stop()`. `update_listeners()` applies a reloaded configuration.
 
-    If systemd passed sockets to this process (``LISTEN_FDS``/``LISTEN_PID``), they are served
-    too, as if ``systemd`` were listed.
+    If systemd passed sockets to this process (``LISTEN_FDS``/``LISTEN_PID``, read when the
+    server is created), they are served too, as if ``systemd`` were listed, also after a reload.
 
     The counters (`requests`, `deferred`, `bad_requests`, ...) are plain integers for statistics.
     """
@@ -799,6 +810,8 @@ class Server:
         self.idle_timeouts = 0
         self.frame_timeouts = 0
 
+        # Read once, here: after a fork (detaching) LISTEN_PID no longer names this process.
+        self._systemd_fds = systemd_fds()
         self._listeners = self._with_systemd(listeners)
         self._bound: dict[Listener, _Bound] = {}
         self._systemd_adopted = False
@@ -926,7 +939,7 @@ class Server:
         parsed = [
             item if isinstance(item, Listener) else parse_listener(item) for item in listeners
         ]
-        if systemd_fds() and not any(isinstance(item, SystemdListener) for item in parsed):
+        if self._systemd_fds and not any(isinstance(item, SystemdListener) for item in parsed):
             parsed.append(SystemdListener("systemd"))
         return tuple(dict.fromkeys(parsed))
 
@@ -935,10 +948,10 @@ class Server:
             # Once closed, the descriptor numbers may belong to other files: never adopt twice.
             if self._systemd_adopted:
                 raise ListenerError("listener 'systemd': the passed sockets were already closed")
-            bound = _bind(listener, self.backlog)
+            bound = _bind(listener, self.backlog, self._systemd_fds)
             self._systemd_adopted = True
             return bound
-        return _bind(listener, self.backlog)
+        return _bind(listener, self.backlog, ())
 
     def _loop_or_fail(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

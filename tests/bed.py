@@ -24,16 +24,20 @@ DNSSEC-signed zone (knot signs it on the fly) and a validating unbound with its 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import errno
 import os
 import random
 import shutil
+import signal
 import socket
+import socketserver
 import ssl
 import subprocess
 import threading
 import time
+import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -301,6 +305,13 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the test process dies (Linux prctl)."""
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class _Daemon:
     """A server running in the foreground as a child process, its output in a log file."""
 
@@ -313,7 +324,10 @@ class _Daemon:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C in the terminal goes to pytest, which stops us
+                # A Ctrl-C in the terminal goes to pytest alone, whose teardown stops the server;
+                # if pytest dies without a teardown, the kernel stops it (PR_SET_PDEATHSIG).
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
 
     def failure(self, what: str) -> BedError:
@@ -565,14 +579,18 @@ class _TLSHTTPServer(ThreadingHTTPServer):
             self.https.log(f"{client_address[0]} TLS handshake failed: {exc}")
             return
         try:
-            self.RequestHandlerClass(tls, client_address, self)
+            _PolicyHandler(tls, client_address, self)
         finally:
             with contextlib.suppress(OSError):
                 tls.close()
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        import traceback
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks up the address's host name (getfqdn), which can wait for
+        # the system's DNS; the bed must not depend on the machine's resolver.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]  # type: ignore[assignment]
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
         self.https.log(f"{client_address[0]} error:\n{traceback.format_exc()}")
 
 

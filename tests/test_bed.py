@@ -43,7 +43,7 @@ def _get(
     ):
         request = f"GET {POLICY_PATH} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
         tls.sendall(request.encode())
-        response = http.client.HTTPResponse(tls)  # type: ignore[arg-type]
+        response = http.client.HTTPResponse(tls)
         response.begin()
         return response.status, dict(response.getheaders()), response.read()
 

@@ -320,7 +320,9 @@ def scripted() -> Iterator[Callable[[Script], ScriptedNameserver]]:
         server.close()
 
 
-def _reply(query: dns.message.QueryMessage, rcode: int = dns.rcode.NOERROR) -> dns.message.Message:
+def _reply(
+    query: dns.message.QueryMessage, rcode: dns.rcode.Rcode = dns.rcode.Rcode.NOERROR
+) -> dns.message.Message:
     reply = dns.message.make_response(query)
     reply.set_rcode(rcode)
     reply.flags |= dns.flags.RA
@@ -332,7 +334,7 @@ def _rrset(name: str, rdtype: str, *values: str) -> dns.rrset.RRset:
 
 
 def test_servfail_is_a_temporary_error(scripted: Callable[[Script], ScriptedNameserver]) -> None:
-    server = scripted(lambda query: _reply(query, dns.rcode.SERVFAIL))
+    server = scripted(lambda query: _reply(query, dns.rcode.Rcode.SERVFAIL))
     resolver = Resolver([server.address], timeout=TIMEOUT)
     with pytest.raises(DNSTemporaryError) as raised:
         resolver.txt("_mta-sts.example.org")

@@ -20,10 +20,12 @@ import pytest
 from postfix_mtasts.netstring import MAX_REPLY, Decoder, encode
 from postfix_mtasts.server import (
     InetListener,
+    Listener,
     ListenerError,
     Server,
     SystemdListener,
     UnixListener,
+    _adopt_systemd,
     parse_listener,
     systemd_fds,
 )
@@ -36,9 +38,17 @@ PATIENCE = 10.0
 def aio(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
     """Run an async test function on a fresh event loop."""
 
+    async def body(*args: Any, **kwargs: Any) -> None:
+        try:
+            await asyncio.wait_for(test(*args, **kwargs), 60)
+        finally:
+            while _clients:
+                _clients.pop().writer.close()
+            await asyncio.sleep(0)
+
     @functools.wraps(test)
     def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 60))
+        asyncio.run(body(*args, **kwargs))
 
     return run
 
@@ -88,16 +98,26 @@ async def wait_until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
+_clients: list[Client] = []
+
+
 class Client:
+    """A socketmap client speaking through asyncio streams; closed when its test ends."""
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.decoder = Decoder(MAX_REPLY)
         self.replies: list[bytes] = []
+        _clients.append(self)
 
     @classmethod
     async def inet(cls, server: Server, index: int = 0) -> Client:
         host, port = server.sockets[index].getsockname()[:2]
+        return await cls.inet_address(host, port)
+
+    @classmethod
+    async def inet_address(cls, host: str, port: int) -> Client:
         return cls(*await asyncio.open_connection(host, port))
 
     @classmethod
@@ -148,7 +168,7 @@ class Client:
 @contextlib.asynccontextmanager
 async def serving(
     responder: FakeResponder | None = None,
-    listeners: tuple[str | InetListener | UnixListener, ...] = ("inet:127.0.0.1:0",),
+    listeners: tuple[str | Listener, ...] = ("inet:127.0.0.1:0",),
     **options: Any,
 ) -> AsyncIterator[Server]:
     server = Server(responder or FakeResponder(), listeners, **options)
@@ -478,7 +498,7 @@ async def test_stop_finishes_requests_in_flight_and_closes_idle_connections() ->
     assert await idle.closed_by_server()
     assert not stopping.done()
     with pytest.raises(OSError):
-        await asyncio.open_connection(host, port)
+        await Client.inet_address(host, port)
 
     responder.resolve("slow1")
     assert await busy.reply() == "OK later slow1"
@@ -635,7 +655,7 @@ def test_address_in_use_is_an_error_naming_the_listener() -> None:
 def test_failed_bind_leaves_nothing_bound(tmp_path: Path) -> None:
     path = str(tmp_path / "first.sock")
     server = Server(FakeResponder(), [f"unix:{path}", "inet:192.0.2.1:0"])
-    with pytest.raises(ListenerError, match="192.0.2.1"):
+    with pytest.raises(ListenerError, match=r"192\.0\.2\.1"):
         server.bind()
     assert server.sockets == []
     assert not os.path.exists(path)
@@ -691,7 +711,7 @@ async def test_update_listeners_keeps_unchanged_opens_new_and_closes_removed(
         server.update_listeners([f"unix:{path}"])
         assert [listener.spec for listener in server.listeners] == [f"unix:{path}"]
         with pytest.raises(OSError):
-            await asyncio.open_connection(host, port)
+            await Client.inet_address(host, port)
         # A connection made through a removed listener goes on.
         assert await connected.ask("c.example") == "OK secure match=c.example"
         connected.close()
@@ -703,12 +723,23 @@ async def test_update_listeners_keeps_unchanged_opens_new_and_closes_removed(
 
 
 @aio
+async def test_update_listeners_applies_a_new_socket_mode_on_the_same_path(tmp_path: Path) -> None:
+    path = str(tmp_path / "mode.sock")
+    async with serving(listeners=(parse_listener(f"unix:{path}", mode=0o600),)) as server:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        server.update_listeners([parse_listener(f"unix:{path}", mode=0o666)])
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666
+        client = await Client.unix(path)
+        assert await client.ask("m.example") == "OK secure match=m.example"
+
+
+@aio
 async def test_update_listeners_reports_what_cannot_be_bound_and_applies_the_rest(
     tmp_path: Path,
 ) -> None:
     path = str(tmp_path / "other.sock")
     async with serving() as server:
-        with pytest.raises(ListenerError, match="192.0.2.1"):
+        with pytest.raises(ListenerError, match=r"192\.0\.2\.1"):
             server.update_listeners([f"unix:{path}", "inet:192.0.2.1:0"])
         assert [listener.spec for listener in server.listeners] == [f"unix:{path}"]
         client = await Client.unix(path)
@@ -738,6 +769,19 @@ def test_systemd_listener_without_passed_sockets_is_an_error(
         Server(FakeResponder(), ["systemd"]).bind()
 
 
+def test_passed_descriptor_that_is_not_a_listening_socket_is_refused() -> None:
+    connected, peer = socket.socketpair()
+    fd = os.dup(connected.fileno())
+    try:
+        with pytest.raises(ListenerError, match=f"descriptor {fd} is not a listening"):
+            _adopt_systemd([fd])
+        os.fstat(fd)  # still open: a refused descriptor is left alone
+    finally:
+        os.close(fd)
+        connected.close()
+        peer.close()
+
+
 SYSTEMD_CHILD = textwrap.dedent(
     """
     import asyncio, os, sys
@@ -759,6 +803,8 @@ SYSTEMD_CHILD = textwrap.dedent(
     async def main():
         server = Server(Responder(), sys.argv[2:])
         await server.start()
+        # A reload with the same configuration keeps the passed socket.
+        server.update_listeners(sys.argv[2:])
         print(" ".join(listener.spec for listener in server.listeners), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         await server.stop()
@@ -789,10 +835,12 @@ async def test_systemd_activated_socket_is_served(specs: list[str]) -> None:
         assert child.stdout is not None
         line = await asyncio.to_thread(child.stdout.readline)
         assert line.split() == ["systemd"]
-        client = Client(*await asyncio.open_connection(host, port))
+        client = await Client.inet_address(host, port)
         assert await client.ask("sd.example") == "OK secure match=sd.example"
         client.close()
     finally:
         assert child.stdin is not None
         child.stdin.close()
         assert await asyncio.to_thread(child.wait, PATIENCE) == 0
+        assert child.stdout is not None
+        child.stdout.close()

@@ -1,0 +1,272 @@
+"""``postfix-mtasts serve`` as a real subprocess, for the tests that talk to it like Postfix does.
+
+:func:`running_daemon` writes a TOML configuration in a directory of its own (listening on a free
+loopback port and on a unix socket, asking the bed's resolver, trusting the bed's CA), starts
+``python -m postfix_mtasts serve -c FILE``, waits until both listeners answer a socketmap request,
+and at the end stops it with SIGTERM and checks that it exits 0.
+
+The session fixture ``daemon`` is one such daemon for every test module that registers this file
+with ``pytest_plugins = ["mtasts_daemon"]``. Its profiles:
+
+- ``postfix`` (and any name without a section): the defaults, ``testing`` policies are NOTFOUND;
+- ``strict``: ``testing`` policies are enforced like ``enforce`` (``secure``);
+- ``opportunistic``: ``testing`` policies are answered ``may``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from bed import Bed
+
+REPO = Path(__file__).resolve().parent.parent
+
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+# Bounded waits for lookups the daemon makes against the bed (a fetch failure is quick).
+HTTPS_TIMEOUT = 5.0
+DNS_TIMEOUT = 2.0
+
+PROFILES: Mapping[str, str] = {"strict": "secure", "opportunistic": "may"}
+
+# A parent-domain probe is answered NOTFOUND without any lookup: a harmless readiness request.
+_PROBE_KEY = ".readiness.invalid"
+
+
+def netstring(payload: bytes) -> bytes:
+    return b"%d:%s," % (len(payload), payload)
+
+
+def _toml(value: object) -> str:
+    """A TOML value; JSON's strings, numbers, booleans and arrays are valid TOML."""
+    return json.dumps(value)
+
+
+def daemon_config(
+    bed: Bed,
+    listen: list[str],
+    *,
+    cache_path: Path | None = None,
+    log_level: str = "debug",
+    extra: str = "",
+) -> str:
+    """A configuration for a daemon asking the bed: its resolver, its CA, loopback policy hosts."""
+    cache = (
+        f'backend = "sqlite"\npath = {_toml(str(cache_path))}'
+        if cache_path is not None
+        else 'backend = "memory"'
+    )
+    profiles = "".join(
+        f"\n[maps.{name}]\ntesting = {_toml(testing)}\n" for name, testing in PROFILES.items()
+    )
+    return f"""\
+listen = {_toml(listen)}
+
+[log]
+level = {_toml(log_level)}
+
+[dns]
+nameservers = {_toml(bed.resolver_nameservers)}
+timeout = {DNS_TIMEOUT}
+lifetime = {DNS_TIMEOUT * 2}
+
+[https]
+ca_file = {_toml(bed.ca_file)}
+timeout = {HTTPS_TIMEOUT}
+connect_timeout = {HTTPS_TIMEOUT}
+allow_private_addresses = true
+
+[cache]
+{cache}
+
+[policy]
+testing = "notfound"
+{profiles}{extra}"""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+    return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+
+def socketmap_request(
+    family: int, address: str | tuple[str, int], name: str, key: str, timeout: float = 5.0
+) -> str:
+    """One socketmap request on a fresh connection; the raw reply payload."""
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.sendall(netstring(f"{name} {key}".encode()))
+        data = b""
+        while True:
+            length, colon, rest = data.partition(b":")
+            if colon and length.isdigit() and len(rest) > int(length):
+                if rest[int(length)] != ord(","):
+                    raise ValueError(f"malformed reply {data!r}")
+                return rest[: int(length)].decode()
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"connection closed after {data!r}")
+            data += chunk
+
+
+@dataclass
+class Daemon:
+    """A running ``postfix-mtasts serve``."""
+
+    directory: Path
+    config_path: Path
+    config_text: str
+    log_path: Path
+    host: str
+    port: int
+    socket_path: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def inet(self) -> str:
+        """The inet endpoint, ``inet:127.0.0.1:PORT``."""
+        return f"inet:{self.host}:{self.port}"
+
+    @property
+    def unix(self) -> str:
+        """The unix endpoint, ``unix:/path/to/socket``."""
+        return f"unix:{self.socket_path}"
+
+    def table(self, name: str = "postfix", *, endpoint: str | None = None) -> str:
+        """The Postfix table of this daemon: ``socketmap:inet:127.0.0.1:PORT:NAME``."""
+        return f"socketmap:{endpoint or self.inet}:{name}"
+
+    def log(self) -> str:
+        return _tail(self.log_path)
+
+    def request(
+        self, key: str, name: str = "postfix", *, unix: bool = False, timeout: float = 5.0
+    ) -> str:
+        """Ask the daemon directly (no Postfix): the raw reply payload."""
+        if unix:
+            return socketmap_request(socket.AF_UNIX, str(self.socket_path), name, key, timeout)
+        return socketmap_request(socket.AF_INET, (self.host, self.port), name, key, timeout)
+
+    def _ready(self) -> str | None:
+        """None when both listeners answer the probe, else what went wrong."""
+        try:
+            for unix in (False, True):
+                reply = self.request(_PROBE_KEY, unix=unix, timeout=1.0)
+                if reply != "NOTFOUND ":
+                    return f"probe answered {reply!r}"
+        except (OSError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def stop(self) -> int:
+        """SIGTERM, then wait (bounded); the exit status (killed: -9)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                return -9
+        return self.process.returncode
+
+
+def _bind_failure(log_path: Path) -> bool:
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    return os.strerror(errno.EADDRINUSE) in text or "in use" in text
+
+
+def start_daemon(bed: Bed, directory: Path, *, sqlite: bool = False, extra: str = "") -> Daemon:
+    """Start a daemon for the bed in ``directory``; fail the test with its log if it does not
+    come up. A port taken between choosing and binding it is retried with another."""
+    directory.mkdir(parents=True, exist_ok=True)
+    socket_path = directory / "mtasts.sock"
+    config_path = directory / "config.toml"
+    log_path = directory / "daemon.log"
+    for _attempt in range(5):
+        port = _free_port()
+        text = daemon_config(
+            bed,
+            [f"inet:127.0.0.1:{port}", f"unix:{socket_path}"],
+            cache_path=directory / "cache.sqlite" if sqlite else None,
+            extra=extra,
+        )
+        config_path.write_text(text)
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "postfix_mtasts", "serve", "-c", str(config_path)],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        running = Daemon(
+            directory, config_path, text, log_path, "127.0.0.1", port, socket_path, process
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        problem = "not started"
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                break
+            problem = running._ready() or ""
+            if not problem:
+                return running
+            time.sleep(0.05)
+        status = running.stop()
+        if status != 0 and _bind_failure(log_path):
+            continue
+        pytest.fail(
+            f"postfix-mtasts serve -c {config_path} did not come up within {START_TIMEOUT:.0f}s "
+            f"(exit status {status}, last problem: {problem}); its log:\n{_tail(log_path)}",
+            pytrace=False,
+        )
+    pytest.fail(f"postfix-mtasts serve found no free port; its log:\n{_tail(log_path)}")
+
+
+@contextlib.contextmanager
+def running_daemon(
+    bed: Bed, directory: Path, *, sqlite: bool = False, extra: str = ""
+) -> Iterator[Daemon]:
+    """A daemon for the duration of the block; it must exit 0 on SIGTERM at the end."""
+    running = start_daemon(bed, directory, sqlite=sqlite, extra=extra)
+    try:
+        yield running
+    finally:
+        status = running.stop()
+    if status != 0:
+        pytest.fail(
+            f"postfix-mtasts serve exited with status {status} after SIGTERM (expected 0); "
+            f"its log:\n{running.log()}",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def daemon(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One ``postfix-mtasts serve`` for the session, asking the bed (profiles: see above)."""
+    with running_daemon(bed, tmp_path_factory.mktemp("daemon")) as running:
+        yield running
