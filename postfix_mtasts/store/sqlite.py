@@ -72,7 +72,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise self._error("cannot open", exc) from exc
         try:
-            self._prepare(self._db)
+            self._prepare_when_free(self._db, busy_timeout)
         except BaseException as exc:
             self._db.close()
             if isinstance(exc, sqlite3.Error):
@@ -100,6 +100,20 @@ class SqliteStore:
     def _os_error(self, exc: OSError) -> StoreError:
         where = f"{exc.filename}: " if exc.filename and exc.filename != self.path else ""
         return StoreError(f"{self.path}: cannot open: {where}{exc.strerror or exc}")
+
+    def _prepare_when_free(self, db: sqlite3.Connection, busy_timeout: float) -> None:
+        # Switching a new file to WAL takes an exclusive lock, and SQLite reports a competing
+        # switch by another process as "database is locked" at once, without waiting for the
+        # busy timeout: wait for it here.
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                self._prepare(db)
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.02)
 
     def _prepare(self, db: sqlite3.Connection) -> None:
         # The first statement reads the header: a file that is not SQLite fails here (NOTADB).
