@@ -16,6 +16,7 @@ from postfix_mtasts import __version__
 
 if TYPE_CHECKING:
     from postfix_mtasts.config import Config
+    from postfix_mtasts.dane import DaneResult
     from postfix_mtasts.mtasts import Result
 
 # Exit statuses of `query`, in order of severity; several domains exit with the worst.
@@ -82,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="allow policy hosts on loopback and private addresses (for tests)",
+    )
+    query.add_argument(
+        "--dane",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="check DANE (TLSA with DNSSEC) before MTA-STS, as the daemon does with "
+        "[dane] enabled (default: as configured)",
     )
     query.add_argument("keys", nargs="*", metavar="DOMAIN", help="domains (or keys) to look up")
     query.set_defaults(handler=_query)
@@ -172,7 +180,7 @@ def _query(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_TEMPORARY
 
-    from postfix_mtasts import mtasts, postfix
+    from postfix_mtasts import dane, mtasts, postfix
     from postfix_mtasts.fetch import Fetcher
     from postfix_mtasts.resolver import Resolver
 
@@ -203,6 +211,7 @@ def _query(args: argparse.Namespace) -> int:
         proxies={"https": https.proxy} if https.proxy else None,
     )
     profile = settings.profile(args.map)
+    use_dane = settings.dane.enabled if args.dane is None else args.dane
     worst = EXIT_POLICY
     for key in args.keys:
         domain = postfix.policy_domain(key)
@@ -210,9 +219,12 @@ def _query(args: argparse.Namespace) -> int:
             # Keys the daemon answers at once without a lookup ([host], .parent, IP addresses).
             status = _print_key_without_policy(key, args.json)
         else:
+            verdict = dane.evaluate(domain, resolver) if use_dane else None
             result = mtasts.get(domain, resolver, fetcher)
-            answer = postfix.policy_reply(result.policy, profile)
-            status = _print_result(domain, result, answer, args.json)
+            answer = (verdict and postfix.dane_reply(verdict)) or postfix.policy_reply(
+                result.policy, profile, domain, result.policy_text
+            )
+            status = _print_result(domain, result, answer, verdict, args.json)
         worst = max(worst, status)
     return worst
 
@@ -228,9 +240,14 @@ def _print_key_without_policy(key: str, as_json: bool) -> int:
     return EXIT_NO_POLICY
 
 
-def _result_status(result: Result) -> int:
+def _result_status(result: Result, verdict: DaneResult | None) -> int:
+    from postfix_mtasts.dane import DaneState
     from postfix_mtasts.mtasts import DNSError
 
+    if verdict is not None and verdict.state is not DaneState.NONE:
+        if verdict.state is DaneState.TEMP:
+            return EXIT_TEMPORARY
+        return EXIT_NO_POLICY if verdict.state is DaneState.NULL_MX else EXIT_POLICY
     if result.policy is not None:
         return EXIT_POLICY
     if isinstance(result.error, DNSError):
@@ -238,10 +255,12 @@ def _result_status(result: Result) -> int:
     return EXIT_NO_POLICY
 
 
-def _print_result(domain: str, result: Result, answer: str, as_json: bool) -> int:
+def _print_result(
+    domain: str, result: Result, answer: str, verdict: DaneResult | None, as_json: bool
+) -> int:
     from postfix_mtasts import mtasts
 
-    status = _result_status(result)
+    status = _result_status(result, verdict)
     if as_json:
         record = result.record
         policy = result.policy
@@ -274,6 +293,16 @@ def _print_result(domain: str, result: Result, answer: str, as_json: bool) -> in
                     "tls_report_failure": ""
                     if error is None
                     else mtasts.tls_report_failure_reason(error),
+                    "dane": None
+                    if verdict is None
+                    else {
+                        "state": verdict.state.value,
+                        "reason": verdict.reason,
+                        "hosts": [
+                            {"host": h.host, "state": h.state, "detail": h.detail}
+                            for h in verdict.hosts
+                        ],
+                    },
                     "postfix_answer": answer,
                 }
             )
@@ -281,6 +310,11 @@ def _print_result(domain: str, result: Result, answer: str, as_json: bool) -> in
         return status
 
     lines: list[str] = []
+    if verdict is not None:
+        lines.append(f"{domain}: DANE {verdict.state} ({verdict.reason})")
+        lines.extend(
+            f"  {h.host}: {h.state}" + (f" ({h.detail})" if h.detail else "") for h in verdict.hosts
+        )
     if result.policy is not None and result.record is not None:
         policy = result.policy
         record_id = result.record.id

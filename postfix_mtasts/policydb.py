@@ -30,11 +30,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from postfix_mtasts import mtasts
+from postfix_mtasts import dane, mtasts
 from postfix_mtasts.mtasts import Mode, Policy
 from postfix_mtasts.store import Entry, Store, StoreError
 
-__all__ = ["CacheSettings", "Decision", "PolicyDB"]
+__all__ = ["CacheSettings", "DaneCache", "Decision", "PolicyDB"]
 
 log = logging.getLogger("postfix_mtasts.policydb")
 
@@ -482,3 +482,95 @@ class PolicyDB:
     def pending(self) -> int:
         """Lookups under way (for statistics and graceful stop)."""
         return len(self._background)
+
+
+class DaneCache:
+    """DANE verdicts (:mod:`postfix_mtasts.dane`), kept as long as the DNS TTLs allow.
+
+    Separate from the MTA-STS policies: a verdict lives by its DNS TTLs (bounded by
+    ``dane.MIN_TTL``/``MAX_TTL``) and in memory only. Like the policy cache it answers at once
+    while a verdict is fresh, revalidates in the background when three quarters of its TTL have
+    passed, and lets concurrent askers for a new domain share one lookup. A verdict is never
+    answered past its TTL.
+    """
+
+    def __init__(
+        self,
+        resolver: dane.SecureResolver,
+        *,
+        deadline: float = 30.0,
+        threads: int = 20,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.resolver = resolver
+        self.deadline = deadline
+        self._clock = clock
+        # domain -> (verdict, valid until, refresh after)
+        self._verdicts: dict[str, tuple[dane.DaneResult, float, float]] = {}
+        self._pending: dict[str, asyncio.Future[dane.DaneResult]] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="dane"
+        )
+        self.lookups = 0
+
+    def lookup(self, domain: str) -> dane.DaneResult | asyncio.Future[dane.DaneResult]:
+        now = self._clock()
+        known = self._verdicts.get(domain)
+        if known is not None:
+            verdict, valid_until, refresh_after = known
+            if now < valid_until:
+                if now >= refresh_after and domain not in self._pending:
+                    self._start(domain)
+                return verdict
+        job = self._pending.get(domain) or self._start(domain)
+        return asyncio.ensure_future(self._first_answer(domain, job))
+
+    async def _first_answer(
+        self, domain: str, job: asyncio.Future[dane.DaneResult]
+    ) -> dane.DaneResult:
+        try:
+            return await asyncio.wait_for(asyncio.shield(job), self.deadline)
+        except TimeoutError:
+            reason = f"DANE lookup still running after {self.deadline:.0f}s"
+        except Exception as exc:
+            reason = f"DANE lookup failed: {exc}"
+        # Never a weaker answer for want of DNS: Postfix defers and asks again later.
+        return dane.DaneResult(domain, dane.DaneState.TEMP, reason=reason, ttl=0)
+
+    def _start(self, domain: str) -> asyncio.Future[dane.DaneResult]:
+        job = asyncio.get_running_loop().run_in_executor(self._pool, self._evaluate, domain)
+        self._pending[domain] = job
+        job.add_done_callback(lambda done: self._finished(domain, done))
+        return job
+
+    def _evaluate(self, domain: str) -> dane.DaneResult:
+        started = time.monotonic()
+        self.lookups += 1
+        verdict = dane.evaluate(domain, self.resolver)
+        elapsed = (time.monotonic() - started) * 1000
+        hosts = ", ".join(f"{h.host} {h.state}" for h in verdict.hosts)
+        line = f"{domain}: DANE {verdict.state} ({verdict.reason}{'; ' if hosts else ''}{hosts})"
+        if verdict.state is dane.DaneState.TEMP:
+            log.warning("%s; deferring mail to it (%.0f ms)", line, elapsed)
+        else:
+            log.info("%s (%.0f ms)", line, elapsed)
+        return verdict
+
+    def _finished(self, domain: str, job: asyncio.Future[dane.DaneResult]) -> None:
+        if self._pending.get(domain) is job:
+            del self._pending[domain]
+        if job.cancelled() or job.exception() is not None:
+            return
+        verdict = job.result()
+        now = self._clock()
+        self._verdicts[domain] = (verdict, now + verdict.ttl, now + verdict.ttl * 0.75)
+
+    def prune(self) -> None:
+        """Forget expired verdicts (called from maintenance)."""
+        now = self._clock()
+        for domain, (_, valid_until, _) in list(self._verdicts.items()):
+            if valid_until <= now:
+                del self._verdicts[domain]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -13,16 +13,25 @@ policy table"). Every piece of text that reaches a reply is validated here, what
 from __future__ import annotations
 
 import ipaddress
+import logging
 
 from postfix_mtasts.config import Profile
+from postfix_mtasts.dane import DaneResult, DaneState
 from postfix_mtasts.mtasts import Mode, Policy, is_hostname, to_alabel
+
+log = logging.getLogger("postfix_mtasts.postfix")
+
+# socketmap_table(5): Postfix reads replies of up to 100000 bytes (the netstring payload).
+MAX_REPLY = 100000
 
 __all__ = [
     "NOTFOUND",
+    "dane_reply",
     "match_patterns",
     "policy_domain",
     "policy_reply",
     "temp",
+    "tlsrpt_attributes",
 ]
 
 # socketmap_table(5): the status word, then a space, even when nothing follows.
@@ -75,8 +84,18 @@ def match_patterns(policy: Policy) -> list[str]:
     return patterns
 
 
-def policy_reply(policy: Policy | None, profile: Profile) -> str:
-    """The socketmap reply payload for the usable policy of a domain (``None``: no policy)."""
+def policy_reply(
+    policy: Policy | None,
+    profile: Profile,
+    domain: str = "",
+    policy_text: str | None = None,
+) -> str:
+    """The socketmap reply payload for the usable policy of a domain (``None``: no policy).
+
+    With ``profile.tlsrpt``, a ``secure`` answer also carries the TLSRPT attributes of Postfix
+    3.10 and newer (TLSRPT_README), which need the policy ``domain`` and the ``policy_text`` as
+    served.
+    """
     if policy is None or policy.mode is Mode.NONE:
         return NOTFOUND
     if policy.mode is Mode.TESTING:
@@ -88,7 +107,56 @@ def policy_reply(policy: Policy | None, profile: Profile) -> str:
     if not patterns:
         # Never "match=" with an empty list: Postfix would reject the whole policy.
         return NOTFOUND
-    return f"OK secure match={':'.join(patterns)} servername=hostname"
+    reply = f"OK secure match={':'.join(patterns)} servername=hostname"
+    if profile.tlsrpt and is_hostname(domain):
+        reply += tlsrpt_attributes(policy, domain, policy_text, len(reply))
+    return reply
+
+
+def tlsrpt_attributes(policy: Policy, domain: str, policy_text: str | None, used: int = 0) -> str:
+    """The TLSRPT attributes of an MTA-STS answer (Postfix 3.10 TLSRPT_README), each preceded by
+    a space: ``policy_type=sts policy_domain=D``, one ``mx_host_pattern`` per policy ``mx`` line
+    and one ``{ policy_string = LINE }`` per line of the policy as served.
+
+    The patterns keep the policy's ``*.`` form: Postfix 3.10.5 and newer matches MX hosts against
+    them itself, and the ``.example.net`` form of ``match=`` would make it skip every MX. A line
+    containing ``{`` or ``}`` cannot be written inside ``{ }`` and is left out. When the whole
+    reply would exceed the socketmap limit (``used`` bytes are taken already), the policy lines
+    are left out and that is logged.
+    """
+    parts = [" policy_type=sts", f" policy_domain={domain}"]
+    parts.extend(f" mx_host_pattern={mx}" for mx in policy.mx if is_hostname(mx.domain))
+    head = "".join(parts)
+    lines: list[str] = []
+    for line in (policy_text or "").split("\n"):
+        # Tabs are whitespace to Postfix too; a CR is part of the line end.
+        line = line.rstrip("\r").replace("\t", " ").strip()
+        if line and "{" not in line and "}" not in line and line.isprintable():
+            lines.append(f" {{ policy_string = {line} }}")
+    body = "".join(lines)
+    if used + len((head + body).encode()) > MAX_REPLY:
+        log.warning(
+            "%s: policy too large for the TLSRPT policy_string attributes; sent without them",
+            domain,
+        )
+        return head
+    return head + body
+
+
+def dane_reply(verdict: DaneResult) -> str | None:
+    """The reply for a DANE verdict, or ``None`` when DANE does not apply (MTA-STS decides).
+
+    DANE answers carry no TLSRPT attributes: Postfix reports DANE itself."""
+    state = verdict.state
+    if state is DaneState.DANE_ONLY:
+        return "OK dane-only"
+    if state is DaneState.DANE:
+        return "OK dane"
+    if state is DaneState.NULL_MX:
+        return NOTFOUND
+    if state is DaneState.TEMP:
+        return temp(f"DANE lookup for {verdict.domain} failed: {verdict.reason}")
+    return None
 
 
 def temp(reason: str) -> str:

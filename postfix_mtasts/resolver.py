@@ -25,8 +25,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
@@ -39,6 +42,7 @@ __all__ = [
     "DNSNotFound",
     "DNSTemporaryError",
     "Resolver",
+    "SecureAnswer",
     "parse_nameserver",
 ]
 
@@ -57,6 +61,29 @@ class DNSNotFound(Exception):
 
 class DNSTemporaryError(Exception):
     """No usable answer: SERVFAIL, REFUSED, a timeout, no nameserver answered, a malformed reply."""
+
+
+# EDNS buffer size of the DNSSEC queries (the DNS Flag Day 2020 value: no fragmentation).
+_EDNS_PAYLOAD = 1232
+
+
+@dataclass(frozen=True, slots=True)
+class SecureAnswer:
+    """An answer with the validating resolver's verdict on it (for DANE, RFC 7672).
+
+    ``exists`` is False for NXDOMAIN and NODATA, which are answers too: a *secure* NODATA proves
+    that the record does not exist; ``nxdomain`` tells the two apart. ``secure`` is the AD bit:
+    the resolver validated the answer (or the denial) with DNSSEC. ``ttl`` is the answer's TTL, or
+    the negative TTL of a denial (RFC 2308 §5). ``records`` are dnspython rdata objects.
+    """
+
+    name: str
+    rdtype: str
+    exists: bool
+    secure: bool
+    ttl: int
+    records: tuple[Any, ...] = ()
+    nxdomain: bool = False
 
 
 def parse_nameserver(text: str) -> tuple[str, int]:
@@ -174,6 +201,17 @@ class Resolver:
         self._resolver.cache = None
         self.timeout = timeout
         self.lifetime = lifetime
+        # DNSSEC queries (DANE): same servers and limits, with the DO bit and the AD flag set so
+        # that the validating resolver reports its verdict (RFC 6840 §5.7). We trust the AD bit
+        # of the resolver we were configured with; we do not validate ourselves.
+        self._secure = dns.resolver.Resolver(configure=False)
+        self._secure.nameservers = self._resolver.nameservers
+        self._secure.port = self._resolver.port
+        self._secure.timeout = timeout
+        self._secure.lifetime = lifetime
+        self._secure.cache = None
+        self._secure.use_edns(0, dns.flags.DO, _EDNS_PAYLOAD)
+        self._secure.flags = dns.flags.RD | dns.flags.AD
 
     @property
     def nameservers(self) -> list[str]:
@@ -223,6 +261,62 @@ class Resolver:
             raise failed[0]
         raise DNSNotFound(f"{name} A/AAAA: {self._reasons(not_found)}")
 
+    def secure_query(self, name: str, rdtype: str) -> SecureAnswer:
+        """Ask for ``rdtype`` (``"MX"``, ``"TLSA"``, ``"A"``, ...) at ``name`` with DNSSEC and
+        return the answer with its AD bit, CNAMEs followed by the recursive resolver.
+
+        NXDOMAIN and NODATA are answers (``exists`` False), not errors. Raises
+        ``DNSTemporaryError`` when no usable answer came.
+        """
+        type_code = dns.rdatatype.from_text(rdtype)
+        question = f"{name} {rdtype}"
+        try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException as exc:
+            raise DNSTemporaryError(f"{question}: not a valid DNS name ({exc})") from exc
+        try:
+            answer = self._secure.resolve(qname, type_code, search=False, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN as exc:
+            responses: dict[dns.name.Name, dns.message.Message] = exc.responses()  # type: ignore[no-untyped-call]
+            response = responses.get(qname) or next(iter(responses.values()), None)
+            if response is None:  # pragma: no cover - dnspython always keeps the response
+                raise DNSTemporaryError(f"{question}: NXDOMAIN without a response") from exc
+            secure = bool(response.flags & dns.flags.AD)
+            return SecureAnswer(name, rdtype, False, secure, _negative_ttl(response), nxdomain=True)
+        except Exception as exc:
+            self._temporary(question, exc)
+        response = answer.response
+        secure = bool(response.flags & dns.flags.AD)
+        if answer.rrset is None:
+            return SecureAnswer(name, rdtype, False, secure, _negative_ttl(response))
+        return SecureAnswer(name, rdtype, True, secure, answer.rrset.ttl, tuple(answer.rrset))
+
+    def validates(self, name: str) -> bool:
+        """Whether the resolver validates DNSSEC: it sets the AD bit on ``name``, which must be a
+        signed name (the root zone ``.`` is one)."""
+        try:
+            return self.secure_query(name, "SOA" if name == "." else "A").secure
+        except DNSTemporaryError:
+            return False
+
+    def _temporary(self, question: str, exc: BaseException) -> NoReturn:
+        """Raise the ``DNSTemporaryError`` for a failed query (shared by the query methods)."""
+        if isinstance(exc, dns.resolver.NoNameservers):
+            errors = exc.kwargs.get("errors", [])
+            cause = _describe_errors(errors) or "no nameserver answered"
+            raise DNSTemporaryError(f"{question}: {cause}") from exc
+        if isinstance(exc, dns.resolver.LifetimeTimeout):
+            detail = _describe_errors(exc.kwargs.get("errors", []))
+            cause = f"timed out after {float(self.lifetime)}s"
+            raise DNSTemporaryError(f"{question}: {cause} ({detail or 'no answer'})") from exc
+        if isinstance(exc, dns.resolver.YXDOMAIN):
+            raise DNSTemporaryError(f"{question}: YXDOMAIN (name too long after DNAME)") from exc
+        if isinstance(exc, OSError):  # e.g. no route to the nameserver's address family
+            raise DNSTemporaryError(f"{question}: {exc.strerror or exc}") from exc
+        if isinstance(exc, dns.exception.DNSException):
+            raise DNSTemporaryError(f"{question}: {exc}") from exc
+        raise exc
+
     @staticmethod
     def _reasons(errors: Sequence[DNSNotFound]) -> str:
         reasons = [str(exc).split(": ", 1)[-1] for exc in errors]
@@ -259,23 +353,8 @@ class Resolver:
                     continue
                 where = self._at_canonical(qname, canonical, name)
                 raise DNSNotFound(f"{question}: no {type_text} record{where}") from exc
-            except dns.resolver.NoNameservers as exc:
-                errors = exc.kwargs.get("errors", [])
-                cause = _describe_errors(errors) or "no nameserver answered"
-                raise DNSTemporaryError(f"{question}: {cause}") from exc
-            except dns.resolver.LifetimeTimeout as exc:
-                errors = exc.kwargs.get("errors", [])
-                cause = f"timed out after {float(self.lifetime)}s"
-                detail = _describe_errors(errors)
-                raise DNSTemporaryError(f"{question}: {cause} ({detail or 'no answer'})") from exc
-            except dns.resolver.YXDOMAIN as exc:
-                raise DNSTemporaryError(
-                    f"{question}: YXDOMAIN (name too long after DNAME)"
-                ) from exc
-            except dns.exception.DNSException as exc:
-                raise DNSTemporaryError(f"{question}: {exc}") from exc
-            except OSError as exc:  # e.g. no route to the nameserver's address family
-                raise DNSTemporaryError(f"{question}: {exc.strerror or exc}") from exc
+            except Exception as exc:
+                self._temporary(question, exc)
             if answer.rrset is None:  # pragma: no cover - resolve() raises NoAnswer instead
                 raise DNSNotFound(f"{question}: no {type_text} record")
             return answer.rrset
@@ -293,3 +372,11 @@ class Resolver:
         if canonical == qname and qname.to_text(omit_final_dot=True) == original:
             return ""
         return f" (at {canonical.to_text(omit_final_dot=True)}, reached through CNAME)"
+
+
+def _negative_ttl(response: dns.message.Message) -> int:
+    """The TTL of a denial: the SOA record's TTL capped by its MINIMUM field (RFC 2308 §5)."""
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA:
+            return int(min(rrset.ttl, min(rdata.minimum for rdata in rrset)))
+    return 0

@@ -22,8 +22,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from postfix_mtasts import __version__, config, postfix
+from postfix_mtasts.dane import DaneResult
 from postfix_mtasts.fetch import Fetcher
-from postfix_mtasts.policydb import CacheSettings, Decision, PolicyDB
+from postfix_mtasts.policydb import CacheSettings, DaneCache, Decision, PolicyDB
 from postfix_mtasts.resolver import Resolver
 from postfix_mtasts.server import Listener, ListenerError, Server, parse_listener
 from postfix_mtasts.store import CorruptStoreError, Store, StoreError, open_store
@@ -33,28 +34,60 @@ __all__ = ["Responder", "run"]
 
 log = logging.getLogger("postfix_mtasts")
 
+# How often expired DANE verdicts are forgotten.
+DANE_PRUNE_INTERVAL = 300.0
+
 
 class Responder:
-    """Answers one socketmap request: key → policy domain → decision → reply."""
+    """Answers one socketmap request: key → policy domain → decision → reply.
 
-    def __init__(self, settings: config.Config, db: PolicyDB) -> None:
+    With DANE enabled, a validated DANE verdict takes precedence over MTA-STS (RFC 8461 §2);
+    for a domain seen for the first time both lookups run at once.
+    """
+
+    def __init__(
+        self, settings: config.Config, db: PolicyDB, dane_cache: DaneCache | None = None
+    ) -> None:
         self.settings = settings
         self.db = db
+        self.dane = dane_cache
 
     def lookup(self, name: str, key: str) -> str | asyncio.Future[str]:
         domain = postfix.policy_domain(key)
         if domain is None:
             return postfix.NOTFOUND
         profile = self.settings.profile(name)
+        if self.dane is not None:
+            verdict = self.dane.lookup(domain)
+            if not isinstance(verdict, DaneResult):
+                return asyncio.ensure_future(self._after_dane(verdict, domain, profile))
+            reply = postfix.dane_reply(verdict)
+            if reply is not None:
+                return reply
         decision = self.db.lookup(domain)
         if isinstance(decision, Decision):
-            return postfix.policy_reply(decision.policy, profile)
+            return _reply(decision, profile)
         return asyncio.ensure_future(self._later(decision, profile))
+
+    async def _after_dane(
+        self, pending: asyncio.Future[DaneResult], domain: str, profile: config.Profile
+    ) -> str:
+        # Start the MTA-STS lookup too, so that a domain without DANE waits for one round only.
+        decision = self.db.lookup(domain)
+        reply = postfix.dane_reply(await pending)
+        if reply is not None:
+            return reply
+        if not isinstance(decision, Decision):
+            decision = await decision
+        return _reply(decision, profile)
 
     @staticmethod
     async def _later(pending: asyncio.Future[Decision], profile: config.Profile) -> str:
-        decision = await pending
-        return postfix.policy_reply(decision.policy, profile)
+        return _reply(await pending, profile)
+
+
+def _reply(decision: Decision, profile: config.Profile) -> str:
+    return postfix.policy_reply(decision.policy, profile, decision.domain, decision.policy_text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,12 +279,14 @@ class _Daemon:
         self.db = PolicyDB(
             store, resolver, make_fetcher(self.settings, resolver), cache_settings(self.settings)
         )
-        self.responder = Responder(self.settings, self.db)
+        dane_cache = self.start_dane(resolver)
+        self.responder = Responder(self.settings, self.db, dane_cache)
         self.server.responder = self.responder
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.db.start()
+        pruning = loop.create_task(self._prune_dane())
         await self.server.start()
         log.info("postfix-mtasts %s ready", __version__)
         notify("READY=1")
@@ -259,7 +294,10 @@ class _Daemon:
         log.info("stopping: finishing requests in flight")
         notify("STOPPING=1")
         await self.server.stop()
+        pruning.cancel()
         await self.db.close()
+        if self.responder.dane is not None:
+            self.responder.dane.close()
         store.close()
         log.info(
             "stopped after %d requests (%d answered from the cache, %d network lookups)",
@@ -267,6 +305,35 @@ class _Daemon:
             self.db.hits,
             self.db.network_lookups,
         )
+
+    async def _prune_dane(self) -> None:
+        while True:
+            await asyncio.sleep(DANE_PRUNE_INTERVAL)
+            if self.responder is not None and self.responder.dane is not None:
+                self.responder.dane.prune()
+
+    def start_dane(self, resolver: Resolver) -> DaneCache | None:
+        """The DANE cache when ``[dane] enabled``, after checking that the resolver validates."""
+        settings = self.settings.dane
+        if not settings.enabled:
+            return None
+        check = settings.check_name or "."
+
+        def check_validation() -> None:
+            if resolver.validates(check):
+                log.info("DANE enabled; the resolver validates DNSSEC (AD bit set for %s)", check)
+                return
+            log.warning(
+                "DANE is enabled but the resolver (%s) does not validate DNSSEC: no AD bit for "
+                "%s. DANE policies will not be found until dns.nameservers points at a "
+                "validating resolver",
+                ", ".join(resolver.nameservers),
+                check,
+            )
+
+        # In a thread: a resolver that does not answer must not hold up start or reload.
+        asyncio.get_running_loop().run_in_executor(None, check_validation)
+        return DaneCache(resolver, deadline=self.settings.cache.first_lookup_deadline)
 
     def reload(self) -> None:
         """SIGHUP: reopen logs and apply a re-read configuration; keep the old one on error."""
@@ -291,8 +358,12 @@ class _Daemon:
         self.db.resolver = resolver
         self.db.fetcher = make_fetcher(new, resolver)
         self.db.settings = cache_settings(new)
-        self.responder.settings = new
         self.settings = new
+        if new.dane.enabled != old.dane.enabled or new.dns != old.dns:
+            if self.responder.dane is not None:
+                self.responder.dane.close()
+            self.responder.dane = self.start_dane(resolver)
+        self.responder.settings = new
         log.info("configuration reloaded from %s", self.config_path or "the defaults")
         notify("READY=1")
 
