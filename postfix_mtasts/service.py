@@ -34,6 +34,10 @@ __all__ = ["Responder", "run"]
 
 log = logging.getLogger("postfix_mtasts")
 
+# Entries of the responder's memos before they are emptied and refilled.
+MEMO_SIZE = 65536
+_UNSEEN: Any = object()
+
 # How often expired DANE verdicts are forgotten.
 DANE_PRUNE_INTERVAL = 300.0
 
@@ -48,38 +52,64 @@ class Responder:
     def __init__(
         self, settings: config.Config, db: PolicyDB, dane_cache: DaneCache | None = None
     ) -> None:
-        self.settings = settings
+        self._settings = settings
         self.db = db
         self.dane = dane_cache
+        # Memos for the hot path, where the same few keys are asked again and again: the policy
+        # domain of a key, and the reply last built for a (map name, domain) with the decision it
+        # was built from (a new decision is a new object, so an identity check keeps it true).
+        self._domains: dict[str, str | None] = {}
+        self._replies: dict[tuple[str, str], tuple[Decision, str]] = {}
+
+    @property
+    def settings(self) -> config.Config:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: config.Config) -> None:
+        self._settings = settings
+        self._replies.clear()
 
     def lookup(self, name: str, key: str) -> str | asyncio.Future[str]:
-        domain = postfix.policy_domain(key)
+        domain = self._domains.get(key, _UNSEEN)
+        if domain is _UNSEEN:
+            domain = postfix.policy_domain(key)
+            if len(self._domains) >= MEMO_SIZE:
+                self._domains.clear()
+            self._domains[key] = domain
         if domain is None:
             return postfix.NOTFOUND
-        profile = self.settings.profile(name)
         if self.dane is not None:
             verdict = self.dane.lookup(domain)
             if not isinstance(verdict, DaneResult):
-                return asyncio.ensure_future(self._after_dane(verdict, domain, profile))
+                return asyncio.ensure_future(self._after_dane(verdict, name, domain))
             reply = postfix.dane_reply(verdict)
             if reply is not None:
                 return reply
-        decision = self.db.lookup(domain)
-        if isinstance(decision, Decision):
-            return _reply(decision, profile)
-        return asyncio.ensure_future(self._later(decision, profile))
+        return self._mtasts_reply(name, domain)
 
-    async def _after_dane(
-        self, pending: asyncio.Future[DaneResult], domain: str, profile: config.Profile
-    ) -> str:
-        # Start the MTA-STS lookup too, so that a domain without DANE waits for one round only.
+    def _mtasts_reply(self, name: str, domain: str) -> str | asyncio.Future[str]:
         decision = self.db.lookup(domain)
+        if not isinstance(decision, Decision):
+            return asyncio.ensure_future(self._later(decision, self._settings.profile(name)))
+        memo = self._replies.get((name, domain))
+        if memo is not None and memo[0] is decision:
+            return memo[1]
+        reply = _reply(decision, self._settings.profile(name))
+        if len(self._replies) >= MEMO_SIZE:
+            self._replies.clear()
+        self._replies[name, domain] = (decision, reply)
+        return reply
+
+    async def _after_dane(self, pending: asyncio.Future[DaneResult], name: str, domain: str) -> str:
+        # Start the MTA-STS lookup too, so that a domain without DANE waits for one round only.
+        mtasts_reply = self._mtasts_reply(name, domain)
         reply = postfix.dane_reply(await pending)
         if reply is not None:
             return reply
-        if not isinstance(decision, Decision):
-            decision = await decision
-        return _reply(decision, profile)
+        if isinstance(mtasts_reply, str):
+            return mtasts_reply
+        return await mtasts_reply
 
     @staticmethod
     async def _later(pending: asyncio.Future[Decision], profile: config.Profile) -> str:
