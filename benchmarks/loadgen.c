@@ -297,11 +297,11 @@ int main(int argc, char **argv) {
     }
     long long cpu0 = -1, cpu1 = -1;
     double self0 = 0, self1 = 0;
-    int in_window = 0;
+    int phase = 0; /* 0: warm-up, 1: measured window, 2: after it */
     if (once) {
         cpu0 = proc_cpu_ticks(pid);
         self0 = self_cpu_seconds();
-        in_window = 1;
+        phase = 1;
     }
 
     /* First requests. */
@@ -323,16 +323,16 @@ int main(int argc, char **argv) {
     struct epoll_event events[MAX_EVENTS];
     for (;;) {
         uint64_t now = now_ns();
-        if (!once && !in_window && now >= t0) {
-            in_window = 1;
+        if (!once && phase == 0 && now >= t0) {
+            phase = 1;
             cpu0 = proc_cpu_ticks(pid);
             self0 = self_cpu_seconds();
         }
-        if (!once && sending && now >= t1) {
+        if (!once && phase == 1 && now >= t1) {
+            phase = 2;
             sending = 0;
             cpu1 = proc_cpu_ticks(pid);
             self1 = self_cpu_seconds();
-            in_window = 0;
         }
         int outstanding = n_outstanding;
         if (once && once_answered + (size_t)n_errors >= nkeys) break;
@@ -346,7 +346,7 @@ int main(int argc, char **argv) {
             break;
         }
         uint64_t wake = hard_deadline;
-        if (!once && sending) wake = in_window ? t1 : t0;
+        if (!once && sending) wake = phase == 1 ? t1 : t0;
         int ms = (int)((wake > now ? wake - now : 0) / 1000000ull) + 1;
         if (ms > 100) ms = 100;
         int n = epoll_wait(ep, events, MAX_EVENTS, ms);

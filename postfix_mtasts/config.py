@@ -80,7 +80,7 @@ class ServerConfig:
     socket_group: str = ""
     user: str = ""
     group: str = ""
-    pid_file: str = "/run/postfix-mtasts.pid"
+    pid_file: str = "/run/postfix-mtasts/postfix-mtasts.pid"
 
 
 @dataclass(frozen=True)

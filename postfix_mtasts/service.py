@@ -9,8 +9,8 @@ then detach and drop privileges, then open the cache and serve.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import grp
+import importlib
 import logging
 import logging.handlers
 import os
@@ -191,25 +191,35 @@ def listeners(settings: config.Config) -> list[Listener]:
 
 def setup_logging(settings: config.Config) -> None:
     """(Re)configure logging: stderr, a file, or syslog. Called again on SIGHUP, which reopens a
-    log file that was rotated away."""
+    log file that was rotated away. When the new destination cannot be opened, the old one stays
+    and the error is logged there."""
+    new: logging.Handler
+    try:
+        if settings.log.syslog:
+            facility = logging.handlers.SysLogHandler.facility_names[settings.log.syslog_facility]
+            address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+            new = logging.handlers.SysLogHandler(address=address, facility=facility)
+            new.setFormatter(logging.Formatter("postfix-mtasts[%(process)d]: %(message)s"))
+        else:
+            if settings.log.file:
+                new = logging.FileHandler(settings.log.file)
+            else:
+                new = logging.StreamHandler(sys.stderr)
+            new.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    except OSError as exc:
+        log.error("cannot open the log (%s); logging on where it went before", exc)
+        return
+    close_logging()
+    root = logging.getLogger()
+    root.addHandler(new)
+    root.setLevel(settings.log.level.upper())
+
+
+def close_logging() -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    new: logging.Handler
-    if settings.log.syslog:
-        facility = logging.handlers.SysLogHandler.facility_names[settings.log.syslog_facility]
-        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
-        new = logging.handlers.SysLogHandler(address=address, facility=facility)
-        new.setFormatter(logging.Formatter("postfix-mtasts[%(process)d]: %(message)s"))
-    else:
-        if settings.log.file:
-            new = logging.FileHandler(settings.log.file)
-        else:
-            new = logging.StreamHandler(sys.stderr)
-        new.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root.addHandler(new)
-    root.setLevel(settings.log.level.upper())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,6 +282,46 @@ def _drop_privileges(identity: _Identity, settings: config.Config) -> None:
     log.info("running as user %s (uid %d, gid %d)", identity.name, identity.uid, identity.gid)
 
 
+def _prepare_pid_directory(path: str, identity: _Identity) -> None:
+    """Create the pid file's directory for the user the daemon becomes, so that it can remove its
+    pid file when it stops. An existing directory is left as it is."""
+    directory = os.path.dirname(path)
+    if directory and not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o755)
+        os.chown(directory, identity.uid, identity.gid)
+
+
+# Modules a running daemon may import late (dnspython loads record types on first use); they are
+# imported before dropping privileges, in case the new user cannot read the installation.
+_PRELOAD = (
+    "concurrent.futures.thread",
+    "encodings.ascii",
+    "encodings.idna",
+    "encodings.latin_1",
+    "dns.rdtypes.IN.A",
+    "dns.rdtypes.IN.AAAA",
+    "dns.rdtypes.ANY.CNAME",
+    "dns.rdtypes.ANY.DNSKEY",
+    "dns.rdtypes.ANY.DS",
+    "dns.rdtypes.ANY.MX",
+    "dns.rdtypes.ANY.NSEC",
+    "dns.rdtypes.ANY.NSEC3",
+    "dns.rdtypes.ANY.OPT",
+    "dns.rdtypes.ANY.RRSIG",
+    "dns.rdtypes.ANY.SOA",
+    "dns.rdtypes.ANY.TLSA",
+    "dns.rdtypes.ANY.TXT",
+    "postfix_mtasts.dane",
+    "postfix_mtasts.store.memory",
+    "postfix_mtasts.store.sqlite",
+)
+
+
+def _preload() -> None:
+    for name in _PRELOAD:
+        importlib.import_module(name)
+
+
 class _PidFile:
     """A pid file written by the detached process (python-daemon's ``pidfile`` protocol)."""
 
@@ -285,8 +335,12 @@ class _PidFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(OSError):
+        try:
             os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning("cannot remove the pid file %s: %s", self.path, error.strerror)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,20 +480,29 @@ def run(
         import daemon
 
         pid_path = pid_file or settings.server.pid_file
+        if pid_path and identity is not None:
+            _prepare_pid_directory(pid_path, identity)
         context = daemon.DaemonContext(
             files_preserve=[sock.fileno() for sock in server.sockets],
             pidfile=_PidFile(pid_path) if pid_path else None,
             detach_process=True,
             umask=0o022,
         )
+        # The daemon context closes every descriptor it was not told to keep, the log's too.
+        close_logging()
         context.open()
-        setup_logging(settings)  # the daemon context closed the old handler's stream
+        setup_logging(settings)
     try:
         if detach and identity is not None:
+            _preload()
             _drop_privileges(identity, settings)
         asyncio.run(_Daemon(settings, config_path, server).main())
     except OSError as exc:
         log.error("%s", exc)
+        return 1
+    except Exception:
+        # A detached daemon has no stderr: say why it stopped where the postmaster looks.
+        log.exception("stopped by an unexpected error")
         return 1
     finally:
         if context is not None:

@@ -15,10 +15,22 @@ SCENARIOS is the one table of the standard test domains ``<label>.mtasts.test``:
 records and how their policy host behaves. ``Bed.start`` publishes all of them; tests read their
 expectations from the same table.
 
+DNSSEC and DANE (RFC 7672), for the DANE tests:
+
+- knot also serves ``dane.test``, signed on the fly (ECDSA P-256, one combined key made with
+  ``keymgr`` before knot starts, so its DS is known up front); dynamic updates are signed too.
+- ``down.dane.test`` is a signed child zone (its DS is in ``dane.test``) served by a second knot.
+  The bed starts it, checks that it validates, then stops it for good: from then on every lookup
+  below it fails (SERVFAIL), the "signed zone whose server is down" case.
+- A second unbound validates (``bed.validating_nameservers``): the DS of ``dane.test`` is its only
+  trust anchor, so names in ``dane.test`` come back with the AD bit and names in the unsigned
+  ``mtasts.test`` without it. The first unbound (``bed.resolver_nameservers``) knows the same zones
+  but validates nothing.
+- DANE_SCENARIOS is the one table of the DANE test domains, their records and what a DANE
+  evaluation must conclude. TLSA data is made from a certificate of this run (``bed.dane_cert``).
+
 The servers run as children of the test process with their own configuration, logs and state in a
-temporary directory; nothing of the system's configuration is used or changed. Later issues add a
-DNSSEC-signed zone (knot signs it on the fly) and a validating unbound with its trust anchor:
-``_knot_config`` and ``_unbound_config`` take the zone list and trust anchors for that reason.
+temporary directory; nothing of the system's configuration is used or changed.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import contextlib
 import ctypes
 import datetime
 import errno
+import hashlib
 import os
 import random
 import shutil
@@ -44,6 +57,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Literal
 
+import dns.flags
 import dns.message
 import dns.name
 import dns.query
@@ -56,13 +70,26 @@ import dns.rdtypes.ANY.TXT
 import dns.update
 import dns.zone
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 ZONE = "mtasts.test"
 RECORD_TTL = 1
 POLICY_PATH = "/.well-known/mta-sts.txt"
 
 KNOTD = "/usr/sbin/knotd"
+KEYMGR = "/usr/sbin/keymgr"
 UNBOUND = "/usr/sbin/unbound"
+
+# The signed zones (RFC 4033): dane.test is served by the bed's knot; down.dane.test, its signed
+# child, by a second knot that is stopped once the bed has checked that it validates.
+DANE_ZONE = "dane.test"
+DOWN_ZONE = f"down.{DANE_ZONE}"
+DNSSEC_ALGORITHM = "ecdsap256sha256"
+# unbound gives up on a nameserver once its retransmit timeout reaches this (milliseconds), so a
+# lookup in the stopped zone is a SERVFAIL within a fraction of a second instead of a long silence.
+# knot on loopback answers in well under a millisecond.
+MAX_RTT_MS = 400
 
 # How long a server may take to come up, and how long to wait for it to stop before killing it.
 STARTUP_TIMEOUT = 15.0
@@ -222,6 +249,221 @@ def domain_of(label: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# The DANE scenario table.
+
+# Placeholders in TLSA and A rdata, filled in when the bed starts (the data depends on the run):
+EE = "{ee}"  # SHA-256 of the SubjectPublicKeyInfo of bed.dane_cert
+TA = "{ta}"  # SHA-512 of the bed CA's certificate
+SHORT = "{short}"  # 20 bytes: a SHA-1-sized digest, the wrong length for matching type 1
+HTTPS = "{https}"  # the address of the HTTPS policy server
+
+# A TLSA record a DANE client can use for SMTP (RFC 7672 §3.1.1: DANE-EE, SPKI, SHA-256).
+USABLE_EE = f"3 1 1 {EE}"
+# RFC 7672 §3.1.2: DANE-TA, the full trust-anchor certificate, SHA-512.
+USABLE_TA = f"2 0 2 {TA}"
+# Records a DANE client must ignore: RFC 7672 §3.1.3 (PKIX-TA, PKIX-EE are unusable in SMTP), an
+# unknown selector or matching type (RFC 6698 §2.1), a digest of the wrong length (RFC 7671 §4).
+UNUSABLE = {
+    "usage0": f"0 0 1 {EE}",
+    "usage1": f"1 1 1 {EE}",
+    "selector5": f"3 5 1 {EE}",
+    "mtype7": f"3 1 7 {EE}",
+    "short": f"3 1 1 {SHORT}",
+}
+
+# Expected per-host states (dane.HostDane.state).
+USABLE = "usable"
+UNUSABLE_TLSA = "unusable"
+NO_TLSA = "no-tlsa"
+INSECURE = "insecure"
+TEMP = "temp"
+
+
+@dataclass(frozen=True)
+class DaneScenario:
+    """A DANE test domain: its records and what a DANE evaluation must conclude.
+
+    ``records`` are (absolute owner, type, zone-file rdata with absolute names); each goes to the
+    zone the owner is in (mtasts.test, dane.test or down.dane.test) and may use the placeholders
+    above. ``state`` is the expected ``dane.DaneState`` value and ``hosts`` the expected (MX host,
+    host state) pairs in MX preference order. ``policy_mx``, when set, also publishes an MTA-STS
+    ``enforce`` policy with those ``mx`` lines (record at ``_mta-sts.<domain>``, policy host
+    ``mta-sts.<domain>`` on the bed's HTTPS server).
+    """
+
+    domain: str
+    state: str
+    records: tuple[tuple[str, str, str], ...] = ()
+    hosts: tuple[tuple[str, str], ...] = ()
+    policy_mx: tuple[str, ...] = ()
+
+    @property
+    def host_states(self) -> dict[str, str]:
+        return dict(self.hosts)
+
+    @property
+    def mtasts_records(self) -> tuple[tuple[str, str, str], ...]:
+        if not self.policy_mx:
+            return ()
+        record_id = "dane" + hashlib.sha256(self.domain.encode()).hexdigest()[:12]
+        return (
+            (f"_mta-sts.{self.domain}", "TXT", f"v=STSv1; id={record_id};"),
+            (f"mta-sts.{self.domain}", "A", HTTPS),
+        )
+
+    @property
+    def policy(self) -> bytes:
+        return policy_text("enforce", self.policy_mx)
+
+
+def _mx_domain(
+    domain: str,
+    state: str,
+    *hosts: tuple[str, str, tuple[str, ...]],
+    policy: bool = False,
+) -> DaneScenario:
+    """A domain with one MX per (host, expected host state, TLSA rdata) in preference order; each
+    host gets a loopback A record and its TLSA records at ``_25._tcp.<host>`` (RFC 7672 §3.2)."""
+    records: list[tuple[str, str, str]] = []
+    for preference, (host, _state, tlsa) in enumerate(hosts, 1):
+        records.append((domain, "MX", f"{preference * 10} {host}."))
+        records.append((host, "A", "127.0.0.1"))
+        records.extend((f"_25._tcp.{host}", "TLSA", rdata) for rdata in tlsa)
+    return DaneScenario(
+        domain=domain,
+        state=state,
+        records=tuple(records),
+        hosts=tuple((host, host_state) for host, host_state, _tlsa in hosts),
+        policy_mx=tuple(host for host, _state, _tlsa in hosts) if policy else (),
+    )
+
+
+def _dane_scenarios() -> dict[str, DaneScenario]:
+    d = DANE_ZONE
+    unusable_hosts = [
+        (f"{kind}.unusable-tlsa.{d}", UNUSABLE_TLSA, (rdata,)) for kind, rdata in UNUSABLE.items()
+    ]
+    all_tlsa = _mx_domain(
+        f"all-tlsa.{d}",
+        "dane-only",
+        (f"mx1.all-tlsa.{d}", USABLE, (USABLE_EE,)),
+        (f"mx2.all-tlsa.{d}", USABLE, (USABLE_EE,)),
+    )
+    down_host = f"mx.{DOWN_ZONE}"
+    return {
+        # Every MX host has a usable TLSA RRset: mandatory DANE.
+        "all-tlsa": all_tlsa,
+        # One host with, one without: opportunistic DANE (Postfix enforces where there is TLSA).
+        "some-tlsa": _mx_domain(
+            f"some-tlsa.{d}",
+            "dane",
+            (f"mx1.some-tlsa.{d}", USABLE, (USABLE_EE,)),
+            (f"mx2.some-tlsa.{d}", NO_TLSA, ()),
+        ),
+        # Signed, but no TLSA anywhere: DANE does not apply, the MTA-STS policy does.
+        "no-tlsa": _mx_domain(
+            f"no-tlsa.{d}",
+            "none",
+            (f"mx1.no-tlsa.{d}", NO_TLSA, ()),
+            (f"mx2.no-tlsa.{d}", NO_TLSA, ()),
+            policy=True,
+        ),
+        # Only unusable TLSA records: still DANE (RFC 7672 §2.2: TLS is mandatory, "dane").
+        "unusable-tlsa": _mx_domain(f"unusable-tlsa.{d}", "dane", *unusable_hosts),
+        # One usable record among unusable ones makes the RRset usable.
+        "mixed-tlsa": _mx_domain(
+            f"mixed-tlsa.{d}",
+            "dane-only",
+            (f"mx.mixed-tlsa.{d}", USABLE, (USABLE_TA, UNUSABLE["usage1"], UNUSABLE["short"])),
+        ),
+        # DANE and MTA-STS together: DANE wins (RFC 8461 §2).
+        "dane-mtasts": _mx_domain(
+            f"dane-mtasts.{d}",
+            "dane-only",
+            (f"mx.dane-mtasts.{d}", USABLE, (USABLE_EE,)),
+            policy=True,
+        ),
+        # A secure NODATA for MX: the domain itself is the implicit MX (RFC 5321 §5.1).
+        "implicit-mx": DaneScenario(
+            domain=f"implicit-mx.{d}",
+            state="dane-only",
+            records=(
+                (f"implicit-mx.{d}", "A", "127.0.0.1"),
+                (f"_25._tcp.implicit-mx.{d}", "TLSA", USABLE_EE),
+            ),
+            hosts=((f"implicit-mx.{d}", USABLE),),
+        ),
+        # RFC 7505: a null MX accepts no mail; no policy at all.
+        "null-mx": DaneScenario(
+            domain=f"null-mx.{d}", state="null-mx", records=((f"null-mx.{d}", "MX", "0 ."),)
+        ),
+        # The MX RRset is reached through a CNAME (RFC 7672 §2.2.1), to a DANE-only domain.
+        "cname-mx": DaneScenario(
+            domain=f"cname-mx.{d}",
+            state="dane-only",
+            records=((f"cname-mx.{d}", "CNAME", f"all-tlsa.{d}."),),
+            hosts=all_tlsa.hosts,
+        ),
+        # A secure NXDOMAIN: no DANE (and no MTA-STS either).
+        "nxdomain": DaneScenario(domain=f"nxdomain.{d}", state="none"),
+        # One MX host in the unsigned zone: its TLSA record (unsigned) is never trusted.
+        "insecure-host": _mx_domain(
+            f"insecure-host.{d}",
+            "dane",
+            (f"mx1.insecure-host.{d}", USABLE, (USABLE_EE,)),
+            (f"mx2.insecure-host.{ZONE}", INSECURE, (USABLE_EE,)),
+        ),
+        # The MX RRset is in the unsigned zone, its host in the signed one with a TLSA record: the
+        # MX is not secure, so DANE does not apply (RFC 7672 §2.2.1), no host is looked at, and
+        # MTA-STS does apply.
+        "unsigned-mx": replace(
+            _mx_domain(
+                f"unsigned-mx.{ZONE}",
+                "none",
+                (f"mx.unsigned-mx.{d}", USABLE, (USABLE_EE,)),
+                policy=True,
+            ),
+            hosts=(),
+        ),
+        # The MX lookup itself fails: the signed child zone's server is down.
+        "down": DaneScenario(
+            domain=DOWN_ZONE,
+            state="temp",
+            records=(
+                (DOWN_ZONE, "MX", f"10 {down_host}."),
+                (down_host, "A", "127.0.0.1"),
+                (f"_25._tcp.{down_host}", "TLSA", USABLE_EE),
+            ),
+        ),
+        # The MX RRset is secure, but its host is in the zone whose server is down.
+        "down-host": DaneScenario(
+            domain=f"down-host.{d}",
+            state="temp",
+            records=((f"down-host.{d}", "MX", f"10 {down_host}."),),
+            hosts=((down_host, TEMP),),
+        ),
+    }
+
+
+DANE_SCENARIOS: dict[str, DaneScenario] = _dane_scenarios()
+
+
+def tlsa_ee_digest(cert: trustme.LeafCert) -> str:
+    """The SHA-256 of a certificate's SubjectPublicKeyInfo, hex: the data of its ``3 1 1`` TLSA."""
+    leaf = x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes())
+    spki = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+def tlsa_ta_digest(ca: trustme.CA) -> str:
+    """The SHA-512 of a CA's certificate, hex: the data of its ``2 0 2`` TLSA."""
+    cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    return hashlib.sha512(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
 # DNS helpers.
 
 
@@ -242,40 +484,78 @@ def _rdata(
         return _txt_rdata(value)
     if not isinstance(value, str):
         raise TypeError(f"{dns.rdatatype.to_text(rdtype)} value must be zone-file text")
+    if rdtype == dns.rdatatype.TLSA:
+        # As raw wire data (RFC 3597): dnspython refuses to build a TLSA record whose digest has
+        # the wrong length for its matching type, and such records must be publishable.
+        usage, selector, mtype, data = value.split(None, 3)
+        wire = bytes((int(usage), int(selector), int(mtype))) + bytes.fromhex("".join(data.split()))
+        return dns.rdata.GenericRdata(dns.rdataclass.IN, rdtype, wire)
     return dns.rdata.from_text(dns.rdataclass.IN, rdtype, value, origin=origin)
 
 
+RRsets = Iterable[tuple[str, str, Sequence[str | Sequence[str]]]]
+
+
 def _scenario_rrsets(
-    label: str, scenario: Scenario, https_address: str
+    domain: str, scenario: Scenario, https_address: str
 ) -> Iterator[tuple[str, str, list[str | Sequence[str]]]]:
-    """(name relative to the zone, type, values) of one scenario; TXT values are raw text."""
+    """(absolute name, type, values) of one scenario published at ``domain``; TXT values are raw
+    text, other values zone-file rdata with names relative to the domain's zone."""
     if scenario.txt:
-        yield f"_mta-sts.{label}", "TXT", list(scenario.txt)
+        yield f"_mta-sts.{domain}", "TXT", list(scenario.txt)
     if scenario.response is not None:
-        yield f"mta-sts.{label}", "A", [https_address]
+        yield f"mta-sts.{domain}", "A", [https_address]
     for name, rtype, rdata in scenario.records:
-        owner = label if name == "@" else f"{name}.{label}"
+        owner = domain if name == "@" else f"{name}.{domain}"
         yield owner, rtype, [rdata]
 
 
-def _write_zone_file(path: Path, https_address: str) -> None:
-    origin = dns.name.from_text(ZONE)
+def zone_of(name: str) -> str:
+    """The bed zone an absolute name belongs to (the most specific: down.dane.test before
+    dane.test); BedError for a name in none of them."""
+    name = name.rstrip(".").lower()
+    for zone in (DOWN_ZONE, DANE_ZONE, ZONE):
+        if name == zone or name.endswith("." + zone):
+            return zone
+    raise BedError(f"{name} is in none of the bed's zones ({ZONE}, {DANE_ZONE}, {DOWN_ZONE})")
+
+
+def _write_zone_file(path: Path, zone_name: str, rrsets: RRsets) -> None:
+    """A zone file with its apex (SOA, NS) and ``rrsets`` (absolute names, rdata relative to the
+    zone); records of one name and type given in several entries are merged."""
+    origin = dns.name.from_text(zone_name)
     zone = dns.zone.Zone(origin)
 
     def add(name: str, rtype: str, values: Iterable[str | Sequence[str]]) -> None:
         rdtype = dns.rdatatype.from_text(rtype)
-        rdataset = zone.find_rdataset(name, rdtype, create=True)
+        rdataset = zone.find_rdataset(dns.name.from_text(name), rdtype, create=True)
         for value in values:
             rdataset.add(_rdata(rdtype, value, origin), RECORD_TTL)
 
     # SOA minimum 1: negative answers (RFC 2308) are cached for at most a second too.
-    add("@", "SOA", [f"ns.{ZONE}. hostmaster.{ZONE}. 1 60 60 3600 {RECORD_TTL}"])
-    add("@", "NS", [f"ns.{ZONE}."])
-    add("ns", "A", ["127.0.0.1"])
-    for label, scenario in SCENARIOS.items():
-        for name, rtype, values in _scenario_rrsets(label, scenario, https_address):
-            add(name, rtype, values)
+    add(zone_name, "SOA", [f"ns.{zone_name}. hostmaster.{zone_name}. 1 60 60 3600 {RECORD_TTL}"])
+    add(zone_name, "NS", [f"ns.{zone_name}."])
+    add(f"ns.{zone_name}", "A", ["127.0.0.1"])
+    for name, rtype, values in rrsets:
+        add(name, rtype, values)
     zone.to_file(str(path), relativize=False)
+
+
+def _zone_rrsets(https_address: str, fill: Mapping[str, str]) -> dict[str, list[Any]]:
+    """Every scenario's records (both tables), by zone."""
+    by_zone: dict[str, list[Any]] = {ZONE: [], DANE_ZONE: [], DOWN_ZONE: []}
+    for label, scenario in SCENARIOS.items():
+        by_zone[ZONE].extend(_scenario_rrsets(domain_of(label), scenario, https_address))
+    for dane in DANE_SCENARIOS.values():
+        for name, rtype, value in (*dane.records, *dane.mtasts_records):
+            by_zone[zone_of(name)].append((name, rtype, [_fill(value, fill)]))
+    return by_zone
+
+
+def _fill(value: str, fill: Mapping[str, str]) -> str:
+    for placeholder, text in fill.items():
+        value = value.replace(placeholder, text)
+    return value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,6 +639,31 @@ class _Daemon:
             f"within {STARTUP_TIMEOUT:.0f}s ({last})"
         )
 
+    def wait_until_secure(self, port: int, qname: str, rdtype: str) -> None:
+        """A validating resolver: wait until it answers qname with the AD bit (RFC 4035 §3.2.3),
+        or fail with its log (a bogus chain is a SERVFAIL, explained there)."""
+        query = dns.message.make_query(qname, rdtype, want_dnssec=True)
+        query.flags |= dns.flags.AD
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise self.failure(f"exited with status {self.process.returncode}")
+            try:
+                answer = dns.query.udp(query, "127.0.0.1", port=port, timeout=0.3)
+            except (OSError, dns.exception.DNSException) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                secure = bool(answer.flags & dns.flags.AD)
+                if answer.rcode() == dns.rcode.NOERROR and answer.answer and secure:
+                    return
+                last = f"rcode {dns.rcode.to_text(answer.rcode())}, AD bit {secure}"
+            time.sleep(0.05)
+        raise self.failure(
+            f"did not answer {qname} {rdtype} on 127.0.0.1:{port} as validated "
+            f"within {STARTUP_TIMEOUT:.0f}s ({last})"
+        )
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -385,17 +690,26 @@ def _binary(binary: str) -> str:
 
 @dataclass(frozen=True)
 class _ZoneConfig:
-    """A zone knot serves. Later: ``signed`` turns on knot's automatic DNSSEC signing."""
+    """A zone knot serves; ``signed`` turns on knot's automatic DNSSEC signing with the keys
+    ``_generate_key`` put in its KASP database."""
 
     name: str
     file: Path
+    signed: bool = False
 
 
 def _knot_config(workdir: Path, port: int, zones: Sequence[_ZoneConfig]) -> str:
-    zone_entries = "\n".join(
-        f'  - domain: "{zone.name}."\n    file: "{zone.file}"\n    acl: loopback_update'
-        for zone in zones
-    )
+    def entry(zone: _ZoneConfig) -> str:
+        text = f'  - domain: "{zone.name}."\n    file: "{zone.file}"'
+        if zone.signed:
+            # No zone transfers from a zone knot signs itself (nobody needs them, and knot warns
+            # about IXFR after a zone file change).
+            text += "\n    acl: loopback_update\n    dnssec-signing: on\n    dnssec-policy: bed"
+        else:
+            text += "\n    acl: [loopback_update, loopback_transfer]"
+        return text
+
+    zone_entries = "\n".join(entry(zone) for zone in zones)
     return f"""\
 server:
     rundir: "{workdir}/run"
@@ -414,7 +728,18 @@ database:
 acl:
   - id: loopback_update
     address: 127.0.0.0/8
-    action: [update, transfer]
+    action: update
+  - id: loopback_transfer
+    address: 127.0.0.0/8
+    action: transfer
+
+# Signed zones: knot signs the zone when it loads it and every dynamic update after that (NSEC,
+# signatures valid for two weeks). manual: the keys are the ones keymgr made before the start,
+# so the DS is known before knot runs; no rollover ever happens.
+policy:
+  - id: bed
+    manual: on
+    algorithm: {DNSSEC_ALGORITHM}
 
 template:
   - id: default
@@ -429,20 +754,53 @@ zone:
 """
 
 
+def _generate_key(config: Path, zone: str) -> str:
+    """Make the signing key of ``zone`` (one combined KSK/ZSK, RFC 6781 §3.1 "CSK") in the KASP
+    database of knot's ``config``; its DS record (SHA-256, RFC 4509) as rdata text."""
+
+    def keymgr(*args: str) -> str:
+        result = subprocess.run(
+            [_binary(KEYMGR), "-c", str(config), f"{zone}.", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise BedError(f"keymgr {zone}. {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    keymgr("generate", f"algorithm={DNSSEC_ALGORITHM}", "ksk=yes", "zsk=yes")
+    # "dane.test. DS 25666 13 2 833d...": one line per digest type.
+    for line in keymgr("ds").splitlines():
+        fields = line.split()
+        if len(fields) == 6 and fields[1] == "DS" and fields[4] == "2":
+            return " ".join(fields[2:])
+    raise BedError(f"keymgr {zone}. ds printed no SHA-256 DS record")
+
+
 def _unbound_config(
     workdir: Path,
     port: int,
     stubs: Mapping[str, str],
     trust_anchors: Sequence[str] = (),
+    insecure: Sequence[str] = (),
 ) -> str:
     """unbound as a recursive resolver on loopback; stubs maps zone -> "addr@port" of knot.
 
-    With trust_anchors (DS or DNSKEY records in zone-file text) it validates (later issues).
+    With trust_anchors (DS or DNSKEY records in zone-file text) it validates (RFC 4035 §4.3):
+    answers under an anchor are secure (AD bit) or bogus (SERVFAIL), others insecure; the zones in
+    ``insecure`` are declared unsigned.
     """
     modules = "validator iterator" if trust_anchors else "iterator"
     anchors = "".join(f'    trust-anchor: "{anchor}"\n' for anchor in trust_anchors)
+    anchors += "".join(f'    domain-insecure: "{zone}."\n' for zone in insecure)
+    if trust_anchors:
+        # Say in the log why an answer is bogus; no leniency about it.
+        anchors += "    val-log-level: 2\n    val-permissive-mode: no\n"
     # unbound ships a built-in "test." zone answering NXDOMAIN; nodefault lets ours through.
-    local_zones = "".join(f'    local-zone: "{_parent(zone)}." nodefault\n' for zone in stubs)
+    tlds = dict.fromkeys(zone.rsplit(".", 1)[-1] for zone in stubs)
+    local_zones = "".join(f'    local-zone: "{tld}." nodefault\n' for tld in tlds)
     stub_zones = "".join(
         f'stub-zone:\n    name: "{zone}."\n    stub-addr: {address}\n'
         for zone, address in stubs.items()
@@ -477,15 +835,13 @@ server:
     # Forget quickly that knot was down (tests may stop it), instead of the default 15 minutes.
     infra-host-ttl: 1
     infra-keep-probing: yes
+    # A nameserver that does not answer (the stopped down.dane.test) is given up on quickly.
+    infra-cache-max-rtt: {MAX_RTT_MS}
 {local_zones}
 {stub_zones}
 remote-control:
     control-enable: no
 """
-
-
-def _parent(zone: str) -> str:
-    return zone.split(".", 1)[1] if "." in zone else zone
 
 
 # --------------------------------------------------------------------------------------------------
@@ -789,17 +1145,26 @@ class Bed:
     """The running servers. Use ``Bed.start(workdir)`` and ``stop()`` (or ``with``)."""
 
     zone: str = ZONE
+    dane_zone: str = DANE_ZONE
+    down_zone: str = DOWN_ZONE
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self._daemons: list[_Daemon] = []
         self._closers: list[Any] = []
         self.resolver_nameservers: list[str] = []
+        self.validating_nameservers: list[str] = []
         self.auth_nameservers: list[str] = []
         self.ca_file = ""
         self.dead_nameserver = ""
         self.knot_port = 0
+        self.down_knot_port = 0
         self.unbound_port = 0
+        self.validating_port = 0
+        # Trust anchors of the validating resolver, zone-file text: ["dane.test. DS ..."].
+        self.dane_trust_anchors: list[str] = []
+        self._placeholders: dict[str, str] = {}
+        self._update_ports: dict[str, int] = {}
 
     @classmethod
     def start(cls, workdir: Path, *, https_port: int = 443) -> Bed:
@@ -813,11 +1178,17 @@ class Bed:
 
     def _start(self, https_port: int) -> None:
         _require(KNOTD, "knot")
+        _require(KEYMGR, "knot")
         _require(UNBOUND, "unbound")
         self.ca = trustme.CA(organization_name="postfix-mtasts test bed")
         ca_path = self.workdir / "ca.pem"
         self.ca.cert_pem.write_to_path(str(ca_path))
         self.ca_file = str(ca_path)
+        # The certificate the DANE scenarios' TLSA records (3 1 1) pin, valid for all their hosts.
+        dane_hosts = sorted(
+            {host for dane in DANE_SCENARIOS.values() for host, _state in dane.hosts}
+        )
+        self.dane_cert = self.ca.issue_cert(*dane_hosts)
 
         self.https = _bind_https(self.ca, https_port, self.workdir / "https.log")
         self._closers.append(self.https.close)
@@ -828,41 +1199,136 @@ class Bed:
         self._closers.append(dead.close)
         self.dead_nameserver = dead.address
 
-        self._start_knot()
-        self._start_unbound()
+        ee = tlsa_ee_digest(self.dane_cert)
+        self._placeholders = {
+            EE: ee,
+            TA: tlsa_ta_digest(self.ca),
+            SHORT: ee[:40],
+            HTTPS: self.https_address,
+        }
+        down_knot = self._start_knots()
+        self._start_unbounds()
+        self._stop_down_zone(down_knot)
 
         for label, scenario in SCENARIOS.items():
             if scenario.response is not None:
                 self.https.set_response(f"mta-sts.{domain_of(label)}", scenario.response)
+        for dane in DANE_SCENARIOS.values():
+            if dane.policy_mx:
+                self.https.set_response(f"mta-sts.{dane.domain}", Response(body=dane.policy))
 
-    def _start_knot(self) -> None:
-        knot_dir = self.workdir / "knot"
-        for sub in ("run", "db", "zones"):
-            (knot_dir / sub).mkdir(parents=True, exist_ok=True)
-        zone_file = knot_dir / "zones" / f"{ZONE}.zone"
-        _write_zone_file(zone_file, self.https_address)
+    def _start_knots(self) -> _Daemon:
+        """The bed's knot (mtasts.test, dane.test signed) and the down.dane.test knot, started
+        together; the latter is returned, to be stopped once it has been seen validating."""
+        main_dir, down_dir = self.workdir / "knot", self.workdir / "knot-down"
+        for directory in (main_dir, down_dir):
+            for sub in ("run", "db", "zones"):
+                (directory / sub).mkdir(parents=True, exist_ok=True)
         self.knot_port = _free_port()
-        config = knot_dir / "knot.conf"
-        config.write_text(_knot_config(knot_dir, self.knot_port, [_ZoneConfig(ZONE, zone_file)]))
-        knot = _Daemon("knotd", [_binary(KNOTD), "-c", str(config)], knot_dir / "knot.log")
-        self._daemons.append(knot)
-        knot.wait_until_answering(self.knot_port, ZONE, "SOA")
-        self.auth_nameservers = [f"127.0.0.1:{self.knot_port}"]
+        self.down_knot_port = _free_port()
+        files = {
+            ZONE: main_dir / "zones" / f"{ZONE}.zone",
+            DANE_ZONE: main_dir / "zones" / f"{DANE_ZONE}.zone",
+            DOWN_ZONE: down_dir / "zones" / f"{DOWN_ZONE}.zone",
+        }
+        main_config, down_config = main_dir / "knot.conf", down_dir / "knot.conf"
+        main_config.write_text(
+            _knot_config(
+                main_dir,
+                self.knot_port,
+                [_ZoneConfig(ZONE, files[ZONE]), _ZoneConfig(DANE_ZONE, files[DANE_ZONE], True)],
+            )
+        )
+        down_config.write_text(
+            _knot_config(
+                down_dir, self.down_knot_port, [_ZoneConfig(DOWN_ZONE, files[DOWN_ZONE], True)]
+            )
+        )
+        dane_ds = _generate_key(main_config, DANE_ZONE)
+        down_ds = _generate_key(down_config, DOWN_ZONE)
+        self.dane_trust_anchors = [f"{DANE_ZONE}. DS {dane_ds}"]
 
-    def _start_unbound(self) -> None:
-        unbound_dir = self.workdir / "unbound"
-        unbound_dir.mkdir(parents=True, exist_ok=True)
+        rrsets = _zone_rrsets(self.https_address, self._placeholders)
+        # The secure delegation of down.dane.test (RFC 4035 §2.4): NS, glue and DS in the parent.
+        rrsets[DANE_ZONE] += [
+            (DOWN_ZONE, "NS", [f"ns.{DOWN_ZONE}."]),
+            (f"ns.{DOWN_ZONE}", "A", ["127.0.0.1"]),
+            (DOWN_ZONE, "DS", [down_ds]),
+        ]
+        for zone, path in files.items():
+            _write_zone_file(path, zone, rrsets[zone])
+
+        knot = _Daemon("knotd", [_binary(KNOTD), "-c", str(main_config)], main_dir / "knot.log")
+        self._daemons.append(knot)
+        down = _Daemon(
+            "knotd (down.dane.test)",
+            [_binary(KNOTD), "-c", str(down_config)],
+            down_dir / "knot.log",
+        )
+        self._daemons.append(down)
+        knot.wait_until_answering(self.knot_port, ZONE, "SOA")
+        knot.wait_until_answering(self.knot_port, DANE_ZONE, "DNSKEY")
+        down.wait_until_answering(self.down_knot_port, DOWN_ZONE, "DNSKEY")
+        self.auth_nameservers = [f"127.0.0.1:{self.knot_port}"]
+        self._update_ports = {
+            ZONE: self.knot_port,
+            DANE_ZONE: self.knot_port,
+            DOWN_ZONE: self.down_knot_port,
+        }
+        return down
+
+    def _start_unbounds(self) -> None:
+        """The plain resolver and the validating one, started together."""
+        stubs = {
+            ZONE: f"127.0.0.1@{self.knot_port}",
+            DANE_ZONE: f"127.0.0.1@{self.knot_port}",
+            DOWN_ZONE: f"127.0.0.1@{self.down_knot_port}",
+        }
+        plain_dir, validating_dir = self.workdir / "unbound", self.workdir / "unbound-validating"
         self.unbound_port = _free_port()
-        config = unbound_dir / "unbound.conf"
-        config.write_text(
-            _unbound_config(unbound_dir, self.unbound_port, {ZONE: f"127.0.0.1@{self.knot_port}"})
-        )
-        unbound = _Daemon(
-            "unbound", [_binary(UNBOUND), "-d", "-c", str(config)], unbound_dir / "unbound.log"
-        )
-        self._daemons.append(unbound)
-        unbound.wait_until_answering(self.unbound_port, f"_mta-sts.enforce.{ZONE}", "TXT")
+        self.validating_port = _free_port()
+        started = []
+        for directory, port, config_text, name in (
+            (
+                plain_dir,
+                self.unbound_port,
+                _unbound_config(plain_dir, self.unbound_port, stubs),
+                "unbound",
+            ),
+            (
+                validating_dir,
+                self.validating_port,
+                _unbound_config(
+                    validating_dir,
+                    self.validating_port,
+                    stubs,
+                    trust_anchors=self.dane_trust_anchors,
+                    insecure=[ZONE],
+                ),
+                "unbound (validating)",
+            ),
+        ):
+            directory.mkdir(parents=True, exist_ok=True)
+            config = directory / "unbound.conf"
+            config.write_text(config_text)
+            unbound = _Daemon(
+                name, [_binary(UNBOUND), "-d", "-c", str(config)], directory / "unbound.log"
+            )
+            self._daemons.append(unbound)
+            started.append((unbound, port))
+        for unbound, port in started:
+            unbound.wait_until_answering(port, f"_mta-sts.enforce.{ZONE}", "TXT")
+        validating = started[1][0]
+        for name in (DANE_ZONE, DOWN_ZONE):
+            validating.wait_until_secure(self.validating_port, name, "SOA")
         self.resolver_nameservers = [f"127.0.0.1:{self.unbound_port}"]
+        self.validating_nameservers = [f"127.0.0.1:{self.validating_port}"]
+
+    def _stop_down_zone(self, down: _Daemon) -> None:
+        """Stop the down.dane.test server for good: its zone validated a moment ago (DS in the
+        parent, signed answers), now every lookup below it fails."""
+        down.stop()
+        self._daemons.remove(down)
 
     def stop(self) -> None:
         for daemon in reversed(self._daemons):
@@ -887,14 +1353,21 @@ class Bed:
 
     def unique_domain(self, prefix: str = "d") -> str:
         """A fresh domain in the zone that no other test uses (for tests that change records)."""
-        with _unique_lock:
-            _unique_counter[0] += 1
-            return domain_of(f"{prefix}{_unique_counter[0]}-{os.getpid()}")
+        return domain_of(_unique_label(prefix))
+
+    def unique_dane_domain(self, prefix: str = "d") -> str:
+        """A fresh domain in the signed zone dane.test that no other test uses."""
+        return f"{_unique_label(prefix)}.{DANE_ZONE}"
+
+    def expand(self, rdata: str) -> str:
+        """Zone-file rdata of the DANE table with its placeholders ({ee}, {ta}, ...) filled in."""
+        return _fill(rdata, self._placeholders)
 
     def add_domain(self, domain: str, scenario: Scenario) -> None:
-        """Publish a scenario's records and policy host under ``domain`` (in the zone)."""
-        label = self._relative(domain)
-        for name, rtype, values in _scenario_rrsets(label, scenario, self.https_address):
+        """Publish a scenario's records and policy host under ``domain`` (in one of the zones)."""
+        for name, rtype, values in _scenario_rrsets(
+            domain.rstrip("."), scenario, self.https_address
+        ):
             self.dns_set(name, rtype, values)
         if scenario.response is not None:
             self.https.set_response(f"mta-sts.{domain.rstrip('.').lower()}", scenario.response)
@@ -904,12 +1377,13 @@ class Bed:
     ) -> None:
         """Replace the RRset ``name``/``rtype`` in knot by dynamic update (empty values: delete).
 
-        ``name`` is absolute (``x.mtasts.test``, trailing dot optional) or relative to the zone.
-        TXT values are the raw text (or a sequence of its strings); other types are zone-file rdata,
-        with names relative to the zone.
+        ``name`` is absolute in one of the bed's zones (``x.mtasts.test``, ``x.dane.test``;
+        trailing dot optional) or relative to mtasts.test. TXT values are the raw text (or a
+        sequence of its strings); other types are zone-file rdata, with names relative to the
+        name's zone. In dane.test, knot signs the change at once.
         """
-        origin = dns.name.from_text(ZONE)
-        owner = dns.name.from_text(self._relative(name), origin)
+        zone, owner = self._owner(name)
+        origin = dns.name.from_text(zone)
         rdtype = dns.rdatatype.from_text(rtype)
         update = dns.update.UpdateMessage(origin)
         if values:
@@ -919,35 +1393,41 @@ class Bed:
             update.replace(owner, rdataset)
         else:
             update.delete(owner, rdtype)
-        self._send_update(update, f"{owner} {rtype}")
+        self._send_update(zone, update, f"{owner} {rtype}")
 
     def dns_delete(self, name: str, rtype: str | None = None) -> None:
         """Delete the RRset ``name``/``rtype`` (every RRset of the name when rtype is None)."""
-        origin = dns.name.from_text(ZONE)
-        owner = dns.name.from_text(self._relative(name), origin)
-        update = dns.update.UpdateMessage(origin)
+        zone, owner = self._owner(name)
+        update = dns.update.UpdateMessage(dns.name.from_text(zone))
         if rtype is None:
             update.delete(owner)
         else:
             update.delete(owner, dns.rdatatype.from_text(rtype))
-        self._send_update(update, f"{owner} {rtype or 'ANY'}")
+        self._send_update(zone, update, f"{owner} {rtype or 'ANY'}")
 
-    def _send_update(self, update: dns.update.UpdateMessage, what: str) -> None:
+    def _send_update(self, zone: str, update: dns.update.UpdateMessage, what: str) -> None:
+        port = self._update_ports[zone]
         try:
-            answer = dns.query.tcp(update, "127.0.0.1", port=self.knot_port, timeout=5)
+            answer = dns.query.tcp(update, "127.0.0.1", port=port, timeout=5)
         except (OSError, dns.exception.DNSException) as exc:
             raise BedError(f"dynamic update of {what} failed: {exc}") from exc
         if answer.rcode() != dns.rcode.NOERROR:
             raise BedError(f"dynamic update of {what} refused: {dns.rcode.to_text(answer.rcode())}")
 
-    def _relative(self, name: str) -> str:
-        """``name`` relative to the zone ("@" for the apex); absolute names must be in the zone."""
-        name = name.rstrip(".").lower()
-        if name == ZONE:
-            return "@"
-        if name.endswith("." + ZONE):
-            return name[: -len(ZONE) - 1]
-        return name
+    def _owner(self, name: str) -> tuple[str, dns.name.Name]:
+        """(zone, absolute owner) of ``name``: absolute in a bed zone, or relative to mtasts.test
+        ("@" for its apex)."""
+        text = name.rstrip(".").lower()
+        try:
+            return zone_of(text), dns.name.from_text(text)
+        except BedError:
+            return ZONE, dns.name.from_text(text, dns.name.from_text(ZONE))
+
+
+def _unique_label(prefix: str) -> str:
+    with _unique_lock:
+        _unique_counter[0] += 1
+        return f"{prefix}{_unique_counter[0]}-{os.getpid()}"
 
 
 _unique_lock = threading.Lock()

@@ -40,7 +40,7 @@ def test_no_file_and_empty_file_give_the_defaults() -> None:
         "",
         "",
     )
-    assert c.server.pid_file == "/run/postfix-mtasts.pid"
+    assert c.server.pid_file == "/run/postfix-mtasts/postfix-mtasts.pid"
     assert (c.log.level, c.log.syslog, c.log.syslog_facility, c.log.file) == (
         "info",
         False,

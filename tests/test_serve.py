@@ -9,7 +9,9 @@ process a test starts is stopped (killed if need be) when the test ends, also wh
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -67,6 +69,7 @@ def config_text(
     cache_path: Path | None = None,
     server: str = "",
     extra: str = "",
+    ca_file: str = "",
 ) -> str:
     """A daemon configuration asking the bed: its resolver, its CA, loopback policy hosts."""
     log = f"level = {toml_string(log_level)}\n"
@@ -90,7 +93,7 @@ timeout = {DNS_TIMEOUT}
 lifetime = {DNS_TIMEOUT * 2}
 
 [https]
-ca_file = {toml_string(bed.ca_file)}
+ca_file = {toml_string(ca_file or bed.ca_file)}
 timeout = {HTTPS_TIMEOUT}
 connect_timeout = {HTTPS_TIMEOUT}
 allow_private_addresses = true
@@ -122,12 +125,19 @@ def read(path: Path) -> str:
         return ""
 
 
-def wait_for(what: str, condition: Callable[[], object], timeout: float = PATIENCE) -> None:
-    """Poll `condition` until it is true; fail naming `what` after `timeout` seconds."""
+def wait_for(
+    what: str,
+    condition: Callable[[], object],
+    timeout: float = PATIENCE,
+    show: Callable[[], str] | None = None,
+) -> None:
+    """Poll `condition` until it is true; fail naming `what` after `timeout` seconds (with
+    what `show` returns, such as the daemon's log)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+            shown = f":\n{show()}" if show is not None else ""
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}{shown}")
         time.sleep(0.02)
 
 
@@ -235,6 +245,9 @@ class Serve:
 
     @property
     def log(self) -> str:
+        return read(self.output)
+
+    def log_text(self) -> str:
         return read(self.output)
 
     def wait_ready(self, address: Address) -> None:
@@ -370,12 +383,15 @@ def test_sighup_reloads_keeps_the_running_listener_and_survives_a_broken_file(
     with serving(config_path, tmp_path / "out.log") as daemon:
         daemon.wait_ready(first)
         with Client(first) as old:
-            assert old.ask(testing) == NOTFOUND
+            assert old.ask(testing) == NOTFOUND  # looked up
+            assert old.ask(testing) == NOTFOUND  # from the cache
             assert refused(second)
 
             config_path.write_text(config_text(bed, [first_spec, second_spec], testing="may"))
             daemon.signal(signal.SIGHUP)
-            wait_for("the reload", lambda: "configuration reloaded" in daemon.log)
+            wait_for(
+                "the reload", lambda: "configuration reloaded" in daemon.log, show=daemon.log_text
+            )
 
             # The connection made before the reload is served by the new settings.
             assert old.ask(testing) == "OK may"
@@ -391,7 +407,9 @@ def test_sighup_reloads_keeps_the_running_listener_and_survives_a_broken_file(
             # A broken file: logged, naming the file and the key; the running settings stay.
             config_path.write_text(config_text(bed, [first_spec], testing="sometimes"))
             daemon.signal(signal.SIGHUP)
-            wait_for("the failed reload", lambda: "reload failed" in daemon.log)
+            wait_for(
+                "the failed reload", lambda: "reload failed" in daemon.log, show=daemon.log_text
+            )
             failure = next(line for line in daemon.log.splitlines() if "reload failed" in line)
             assert str(config_path) in failure
             assert "policy.testing" in failure
@@ -414,7 +432,11 @@ def test_sighup_reopens_the_log_file(bed: Bed, tmp_path: Path) -> None:
         assert "ready" in read(log_path)
         log_path.rename(rotated)
         daemon.signal(signal.SIGHUP)
-        wait_for("a new log file", lambda: "configuration reloaded" in read(log_path))
+        wait_for(
+            "a new log file",
+            lambda: "configuration reloaded" in read(log_path),
+            show=lambda: read(rotated) + daemon.log,
+        )
         enforce = domain_of("enforce")
         with Client(("127.0.0.1", port)) as client:
             assert client.ask(enforce) == secure_answer("enforce")
@@ -425,6 +447,44 @@ def test_sighup_reopens_the_log_file(bed: Bed, tmp_path: Path) -> None:
     assert "stopped after" in new, new
     assert "ready" in old and "configuration reloaded" not in old and enforce not in old, old
     assert daemon.log == "", "with a log file, nothing goes to stderr"
+
+
+def test_log_file_that_cannot_be_reopened_on_sighup_is_reported_and_logging_goes_on(
+    bed: Bed, tmp_path: Path
+) -> None:
+    # As after logrotate when the daemon may no longer create files where its log lives (it
+    # dropped privileges): here the log's directory is gone when SIGHUP comes.
+    port = free_port()
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    log_path = log_dir / "daemon.log"
+    moved = tmp_path / "logs.old" / "daemon.log"
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(config_text(bed, [f"inet:127.0.0.1:{port}"], log_file=log_path))
+    with serving(config_path, tmp_path / "out.log") as daemon:
+        daemon.wait_ready(("127.0.0.1", port))
+        log_dir.rename(moved.parent)
+        daemon.signal(signal.SIGHUP)
+
+        def visible() -> str:
+            return read(moved) + daemon.log
+
+        wait_for(
+            "an error naming the log file",
+            lambda: any(
+                str(log_path) in line and "ERROR" in line for line in visible().splitlines()
+            ),
+            show=visible,
+        )
+        enforce = domain_of("enforce")
+        with Client(("127.0.0.1", port)) as client:
+            assert client.ask(enforce) == secure_answer("enforce")
+        # Lookups are still logged: into the old file, or to stderr.
+        wait_for(
+            "the lookup's log line", lambda: f"{enforce}: enforce policy" in visible(), show=visible
+        )
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0, visible()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,7 +506,7 @@ def proc_status(pid: int) -> dict[str, str]:
 def detached_daemon(config_path: Path, pid_path: Path, log_path: Path) -> Iterator[int]:
     """Run ``serve --daemon``; yield the daemon's pid (from its pid file); kill it at the end
     if the test has not stopped it. `log_path` is the daemon's ``[log] file``."""
-    output = pid_path.with_name("out.log")
+    output = log_path.with_name("out.log")
     with open(output, "ab") as out:
         parent = subprocess.Popen(
             [*SERVE, "--daemon", "--pid-file", str(pid_path), "-c", str(config_path)],
@@ -481,6 +541,39 @@ def detached_daemon(config_path: Path, pid_path: Path, log_path: Path) -> Iterat
             os.kill(pid, signal.SIGKILL)
 
 
+def unreadable_by_others() -> list[str]:
+    """Directories of the interpreter and of this code that a user other than root cannot
+    read: a daemon that dropped privileges cannot import modules from there any more."""
+    import postfix_mtasts
+
+    found = []
+    for path in {os.path.dirname(os.__file__), os.path.dirname(postfix_mtasts.__file__)}:
+        parts = Path(os.path.realpath(path)).parts
+        for depth in range(2, len(parts) + 1):
+            directory = Path(*parts[:depth])
+            if directory.stat().st_mode & 0o005 != 0o005:
+                found.append(str(directory))
+                break
+    return found
+
+
+def wait_until_answering(address: Address, pid: int, log_path: Path) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not answers(address):
+        if not proc_status(pid):
+            hidden = unreadable_by_others()
+            hint = (
+                f"\n(note: {', '.join(hidden)} cannot be read by other users: a daemon that "
+                "dropped privileges cannot import modules from there)"
+                if hidden
+                else ""
+            )
+            pytest.fail(f"the daemon ({pid}) exited; its log:\n{read(log_path)}{hint}")
+        if time.monotonic() >= deadline:
+            pytest.fail(f"the daemon ({pid}) does not answer; its log:\n{read(log_path)}")
+        time.sleep(0.05)
+
+
 def stop_detached(pid: int) -> None:
     os.kill(pid, signal.SIGTERM)
     wait_for(f"daemon {pid} to exit", lambda: not proc_status(pid))
@@ -503,7 +596,7 @@ def test_daemon_detaches_writes_its_pid_file_and_removes_it_on_sigterm(
     )
     with detached_daemon(config_path, pid_path, log_path) as pid:
         assert proc_status(pid), f"the pid in the pid file ({pid}) is not running"
-        assert answers(("127.0.0.1", port)), read(log_path)
+        wait_until_answering(("127.0.0.1", port), pid, log_path)
         with Client(("127.0.0.1", port)) as client:
             assert client.ask(domain_of("enforce")) == secure_answer("enforce")
         assert os.getsid(pid) != os.getsid(0), "the daemon did not leave our session"
@@ -516,13 +609,17 @@ def test_daemon_detaches_writes_its_pid_file_and_removes_it_on_sigterm(
 
 
 def test_daemon_drops_privileges_after_binding(bed: Bed, world_dir: Path) -> None:
-    nobody = 65534
+    nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
     port = free_port()
     unix_path = world_dir / "s.sock"
     log_path = world_dir / "daemon.log"
-    pid_path = world_dir / "serve.pid"
+    # A pid file directory that does not exist yet is created for the daemon's user, so that it
+    # can remove its pid file after dropping privileges.
+    pid_path = world_dir / "run" / "serve.pid"
     cache_dir = world_dir / "cache"
     cache_path = cache_dir / "cache.sqlite"
+    # The bed's CA file is in a directory of root's alone: give the daemon a copy it can read.
+    ca_file = shutil.copy(bed.ca_file, world_dir / "ca.pem")
     # A cache left by an earlier run as root: the daemon must hand it over to its user.
     SqliteStore(str(cache_path)).close()
     assert cache_path.stat().st_uid == 0
@@ -534,15 +631,17 @@ def test_daemon_drops_privileges_after_binding(bed: Bed, world_dir: Path) -> Non
             log_file=log_path,
             cache_path=cache_path,
             server='user = "nobody"\ngroup = "nogroup"\n',
+            ca_file=str(ca_file),
         )
     )
     with detached_daemon(config_path, pid_path, log_path) as pid:
+        # Answering means bound, detached, privileges dropped, cache opened, serving.
+        wait_until_answering(("127.0.0.1", port), pid, log_path)
         status = proc_status(pid)
-        assert status, f"the daemon exited; its log:\n{read(log_path)}"
         assert status["Uid"].split() == [str(nobody)] * 4, status["Uid"]
-        assert status["Gid"].split() == [str(nobody)] * 4, status["Gid"]
+        assert status["Gid"].split() == [str(nogroup)] * 4, status["Gid"]
         # No supplementary group of root's is left (initgroups may give nogroup itself).
-        assert set(status["Groups"].split()) <= {str(nobody)}, status["Groups"]
+        assert set(status["Groups"].split()) <= {str(nogroup)}, status["Groups"]
         # The unix socket was created as root before the drop; it is still served.
         assert unix_path.stat().st_uid == 0
         enforce = domain_of("enforce")

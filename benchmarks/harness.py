@@ -1,0 +1,839 @@
+"""Side-by-side benchmark: postfix-mtasts against postfix-mta-sts-resolver 1.5.1 (issue 5).
+
+Run it with ``benchmarks/run`` (as root: the bed's HTTPS server listens on port 443 and the peer
+gets its resolv.conf in a private mount namespace). It starts the test suite's real DNS and HTTPS
+servers on loopback (tests/bed.py), publishes the benchmark's test domains, runs both daemons with
+equivalent settings (benchmarks/daemons.py), drives them with a socketmap load generator written
+in C (benchmarks/loadgen.c), and prints one table: ours, the peer, the ratio, the target and
+whether it holds. Exit status 1 when a target is missed, 2 when the harness itself failed.
+
+Every figure is the median over several rounds. Every load is bounded in requests and time and
+targets only loopback; every process started here is stopped at the end.
+
+The measurements (issue 5):
+  1. cached answers over 1, 50 and 200 connections: answers/s, daemon CPU µs per answer, p50, p99;
+  2. cold fan-out: 500 uncached domains over 100 connections, policy host answering after 200 ms;
+  3. stampede: 200 concurrent requests for one uncached domain: TXT queries and HTTPS GETs;
+  4. slow neighbour: cached p99 while 50 connections wait on policy hosts that hang;
+  5. scale: 100000 domains in the SQLite cache: RSS, file size, cached answers/s against 100;
+  6. start-up: ``serve`` ready to answer, ``query --socketmap`` answering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bedtools  # noqa: E402
+import daemons  # noqa: E402
+import loadgen  # noqa: E402
+from bedtools import Bed  # noqa: E402
+from daemons import Daemon  # noqa: E402
+
+REPO = HERE.parent
+README = HERE / "README.md"
+RESULTS_DIR = HERE / ".results"
+KINDS = ("ours", "peer")
+CACHES = ("memory", "sqlite")
+
+# Sizes of the measurements, as the issue states them.
+CACHED_DOMAINS = 100
+CACHED_CONNS = (1, 50, 200)
+HEADLINE_CONNS = 50
+FANOUT_DOMAINS = 500
+FANOUT_CONNS = 100
+FANOUT_DELAY = 0.2
+FANOUT_LIMIT = 2.0
+STAMPEDE_CONNS = 200
+STAMPEDE_DELAY = 0.2
+HANG_CONNS = 50
+SCALE_DOMAINS = 100_000
+SCALE_BASE = 100
+SCALE_CONNS = 50
+RSS_LIMIT_MB = 200.0
+STARTUP_LIMIT_S = 0.300
+
+
+@dataclass
+class Settings:
+    rounds: int = 3
+    duration: float = 2.0
+    warmup: float = 0.5
+    startup_rounds: int = 7
+    only: frozenset[int] = frozenset({1, 2, 3, 4, 5, 6})
+    budget: float = 900.0
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    section: str
+    metric: str
+    ours: float | None
+    peer: float | None
+    fmt: str = "{:.0f}"
+    target: str = ""
+    holds: bool | None = None
+    note: str = ""
+
+    def ratio(self) -> float | None:
+        if self.ours is None or self.peer is None or not self.peer:
+            return None
+        if math.isnan(self.ours) or math.isnan(self.peer):
+            return None
+        return self.ours / self.peer
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    details: dict[str, object] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        mark = {True: "holds", False: "MISSED", None: ""}[row.holds]
+        print(
+            f"  {row.section} | {row.metric}: ours {_fmt(row.fmt, row.ours)}, "
+            f"peer {_fmt(row.fmt, row.peer)} {mark}",
+            flush=True,
+        )
+        return row
+
+
+def _fmt(fmt: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return fmt.format(value)
+
+
+def median(values: Sequence[float]) -> float:
+    clean = [v for v in values if not math.isnan(v)]
+    return statistics.median(clean) if clean else float("nan")
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run.
+
+
+class Bench:
+    def __init__(self, settings: Settings, workdir: Path, peer_venv: Path) -> None:
+        self.s = settings
+        self.workdir = workdir
+        self.report = Report()
+        self.deadline = time.monotonic() + settings.budget
+        say("building the load generator (gcc)")
+        self.load = loadgen.LoadGen(loadgen.build(), workdir / "loadgen")
+        say("checking the peer's venv (postfix-mta-sts-resolver 1.5.1)")
+        self.peer_daemon = daemons.ensure_peer(peer_venv)
+        say("starting the test bed (knot, unbound, HTTPS on port 443)")
+        self.bed: Bed = bedtools.start_bed(workdir / "bed")
+        self._running: list[Daemon] = []
+        self._counter = 0
+        self.cached_labels = [f"bc{i:03d}" for i in range(CACHED_DOMAINS)]
+        self.cached_keys = [bedtools.domain(label) for label in self.cached_labels]
+        self.fanout_labels = [f"bf{i:03d}" for i in range(FANOUT_DOMAINS)]
+        self._publish()
+
+    def _publish(self) -> None:
+        started = time.monotonic()
+        pairs = [(label, bedtools.policy_response(label)) for label in self.cached_labels]
+        pairs += [
+            (label, bedtools.policy_response(label, delay=FANOUT_DELAY))
+            for label in self.fanout_labels
+        ]
+        for kind in KINDS:
+            for cache in CACHES:
+                for r in range(self.s.rounds):
+                    label = f"bs-{kind}-{cache}-{r}"
+                    pairs.append((label, bedtools.policy_response(label, delay=STAMPEDE_DELAY)))
+                for i in range(HANG_CONNS):
+                    label = f"bh-{kind}-{cache}-{i}"
+                    pairs.append((label, bedtools.policy_response(label, hang=True)))
+        bedtools.publish(self.bed, pairs)
+        say(f"published {len(pairs)} test domains in {time.monotonic() - started:.1f}s")
+
+    def close(self) -> None:
+        for daemon in self._running:
+            daemon.stop()
+        self._running.clear()
+        self.bed.stop()
+
+    # helpers ------------------------------------------------------------------------------------
+
+    def check_budget(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TimeoutError(f"the run's time budget of {self.s.budget:.0f}s is spent")
+
+    def _dir(self, name: str) -> Path:
+        self._counter += 1
+        return self.workdir / "daemons" / f"{self._counter:03d}-{name}"
+
+    def start(self, kind: str, cache: str, cache_path: Path | None = None) -> Daemon:
+        self.check_budget()
+        daemon = daemons.start(
+            kind, self.bed, self.peer_daemon, self._dir(f"{kind}-{cache}"), cache, cache_path
+        )
+        self._running.append(daemon)
+        return daemon
+
+    def stop(self, daemon: Daemon) -> None:
+        daemon.stop()
+        if daemon in self._running:
+            self._running.remove(daemon)
+
+    @contextmanager
+    def running(self, kind: str, cache: str, cache_path: Path | None = None) -> Iterator[Daemon]:
+        daemon = self.start(kind, cache, cache_path)
+        try:
+            yield daemon
+        finally:
+            self.stop(daemon)
+
+    def warm(self, daemon: Daemon, keys: Sequence[str], conns: int = 10) -> loadgen.Result:
+        """Ask every key once (first lookups); every answer must be OK."""
+        result = self.load.run(daemon.port, keys, conns=conns, once=True, timeout=120)
+        if result.ok != len(keys):
+            raise RuntimeError(
+                f"{daemon.kind}/{daemon.cache}: warming {len(keys)} domains gave {result.ok} OK "
+                f"answers ({result}); its log:\n{daemon.log()}"
+            )
+        return result
+
+    def timed(self, daemon: Daemon, keys: Sequence[str], conns: int) -> loadgen.Result:
+        self.check_budget()
+        result = self.load.run(
+            daemon.port,
+            keys,
+            conns=conns,
+            duration=self.s.duration,
+            warmup=self.s.warmup,
+            pid=daemon.pid,
+            timeout=self.s.duration + self.s.warmup + 30,
+        )
+        if result.ok != result.answered or result.errors or result.connect_failures:
+            raise RuntimeError(
+                f"{daemon.kind}/{daemon.cache}: cached round gave wrong answers or errors: "
+                f"{result}; its log:\n{daemon.log()}"
+            )
+        return result
+
+    # 1. cached answers --------------------------------------------------------------------------
+
+    def cached(self) -> None:
+        say("1. cached answers")
+        for cache in CACHES:
+            ours = self.start("ours", cache)
+            peer = self.start("peer", cache)
+            try:
+                for daemon in (ours, peer):
+                    self.warm(daemon, self.cached_keys)
+                for conns in CACHED_CONNS:
+                    runs: dict[str, list[loadgen.Result]] = {k: [] for k in KINDS}
+                    for _ in range(self.s.rounds):
+                        # Alternate the daemons round by round, so drift hits both alike.
+                        for daemon in (ours, peer):
+                            runs[daemon.kind].append(self.timed(daemon, self.cached_keys, conns))
+                    self._cached_rows(cache, conns, runs)
+            finally:
+                self.stop(ours)
+                self.stop(peer)
+
+    def _cached_rows(self, cache: str, conns: int, runs: dict[str, list[loadgen.Result]]) -> None:
+        section = f"1. cached, {cache}, {conns} conn{'s' if conns > 1 else ''}"
+        rps = {k: median([r.rps for r in runs[k]]) for k in KINDS}
+        cpu = {k: median([r.cpu_us_per_request for r in runs[k]]) for k in KINDS}
+        p50 = {k: median([r.p50_us / 1000 for r in runs[k]]) for k in KINDS}
+        p99 = {k: median([r.p99_us / 1000 for r in runs[k]]) for k in KINDS}
+        lg = median([r.loadgen_cpu_us_per_request for k in KINDS for r in runs[k]])
+        self.report.details[f"cached-{cache}-{conns}"] = {
+            k: [asdict(r) for r in runs[k]] for k in KINDS
+        }
+        headline = conns == HEADLINE_CONNS
+        row = Row(section, "answers/s", rps["ours"], rps["peer"], note=f"loadgen {lg:.1f} µs/req")
+        if headline:
+            row.target = "≥ 2.5x peer"
+            row.holds = (row.ratio() or 0) >= 2.5
+        self.report.add(row)
+        row = Row(section, "daemon CPU µs/answer", cpu["ours"], cpu["peer"], fmt="{:.1f}")
+        if headline:
+            row.target = "≤ 0.4x peer"
+            ratio = row.ratio()
+            row.holds = ratio is not None and ratio <= 0.4
+        self.report.add(row)
+        self.report.add(Row(section, "p50 latency ms", p50["ours"], p50["peer"], fmt="{:.2f}"))
+        row = Row(section, "p99 latency ms", p99["ours"], p99["peer"], fmt="{:.2f}")
+        if headline:
+            row.target = "≤ peer"
+            row.holds = p99["ours"] <= p99["peer"]
+        self.report.add(row)
+
+    # 2. cold fan-out ----------------------------------------------------------------------------
+
+    def fanout(self) -> None:
+        say("2. cold fan-out")
+        keys = [bedtools.domain(label) for label in self.fanout_labels]
+        for cache in CACHES:
+            walls: dict[str, list[float]] = {k: [] for k in KINDS}
+            oks: dict[str, list[int]] = {k: [] for k in KINDS}
+            for r in range(self.s.rounds):
+                for kind in KINDS:
+                    # A fresh daemon with an empty cache each round: every domain is uncached.
+                    with self.running(kind, cache) as daemon:
+                        result = self.load.run(
+                            daemon.port, keys, conns=FANOUT_CONNS, once=True, timeout=60
+                        )
+                    walls[kind].append(result.elapsed)
+                    oks[kind].append(result.ok)
+                    self.report.details[f"fanout-{cache}-{kind}-{r}"] = asdict(result)
+            section = f"2. cold fan-out, {cache}"
+            wall = {k: median(walls[k]) for k in KINDS}
+            all_ok = all(ok == FANOUT_DOMAINS for ok in oks["ours"])
+            self.report.add(
+                Row(
+                    section,
+                    f"wall s, {FANOUT_DOMAINS} domains",
+                    wall["ours"],
+                    wall["peer"],
+                    fmt="{:.2f}",
+                    target=f"< {FANOUT_LIMIT:g} s, all OK",
+                    holds=wall["ours"] < FANOUT_LIMIT and all_ok,
+                )
+            )
+            self.report.add(
+                Row(
+                    section,
+                    "OK answers (min of rounds)",
+                    float(min(oks["ours"])),
+                    float(min(oks["peer"])),
+                )
+            )
+
+    # 3. stampede --------------------------------------------------------------------------------
+
+    def stampede(self) -> None:
+        say("3. stampede")
+        for cache in CACHES:
+            txt: dict[str, list[int]] = {k: [] for k in KINDS}
+            gets: dict[str, list[int]] = {k: [] for k in KINDS}
+            oks: dict[str, list[int]] = {k: [] for k in KINDS}
+            for kind in KINDS:
+                with self.running(kind, cache) as daemon:
+                    for r in range(self.s.rounds):
+                        self.check_budget()
+                        name = bedtools.domain(f"bs-{kind}-{cache}-{r}")
+                        result = self.load.run(
+                            daemon.port,
+                            [name] * STAMPEDE_CONNS,
+                            conns=STAMPEDE_CONNS,
+                            once=True,
+                            timeout=60,
+                        )
+                        counts = bedtools.txt_queries(self.bed, [name])
+                        txt[kind].append(counts[name])
+                        gets[kind].append(self.bed.https.request_count(f"mta-sts.{name}"))
+                        oks[kind].append(result.ok)
+                        self.report.details[f"stampede-{cache}-{kind}-{r}"] = {
+                            "result": asdict(result),
+                            "txt_queries": counts[name],
+                            "https_gets": gets[kind][-1],
+                        }
+            section = f"3. stampede, {cache}"
+            all_ok = all(ok == STAMPEDE_CONNS for ok in oks["ours"])
+            self.report.add(
+                Row(
+                    section,
+                    f"TXT queries per {STAMPEDE_CONNS} requests (max of rounds)",
+                    float(max(txt["ours"])),
+                    float(max(txt["peer"])),
+                    target="exactly 1",
+                    holds=all(n == 1 for n in txt["ours"]) and all_ok,
+                )
+            )
+            self.report.add(
+                Row(
+                    section,
+                    f"HTTPS GETs per {STAMPEDE_CONNS} requests (max of rounds)",
+                    float(max(gets["ours"])),
+                    float(max(gets["peer"])),
+                    target="exactly 1",
+                    holds=all(n == 1 for n in gets["ours"]) and all_ok,
+                )
+            )
+
+    # 4. slow neighbour --------------------------------------------------------------------------
+
+    def slow_neighbour(self) -> None:
+        say("4. slow neighbour")
+        for cache in CACHES:
+            quiet: dict[str, float] = {}
+            busy: dict[str, float] = {}
+            for kind in KINDS:
+                with self.running(kind, cache) as daemon:
+                    self.warm(daemon, self.cached_keys)
+                    before = [
+                        self._short(daemon, HEADLINE_CONNS).p99_us / 1000
+                        for _ in range(self.s.rounds)
+                    ]
+                    during = self._with_hangers(daemon, kind, cache)
+                quiet[kind] = median(before)
+                busy[kind] = median(during)
+                self.report.details[f"slow-{cache}-{kind}"] = {"before": before, "during": during}
+            section = f"4. slow neighbour, {cache}"
+            self.report.add(
+                Row(section, "cached p99 ms, undisturbed", quiet["ours"], quiet["peer"], "{:.2f}")
+            )
+            self.report.add(
+                Row(
+                    section,
+                    f"cached p99 ms, {HANG_CONNS} conns on hanging hosts",
+                    busy["ours"],
+                    busy["peer"],
+                    "{:.2f}",
+                    target="≤ 2x undisturbed",
+                    holds=busy["ours"] <= 2 * quiet["ours"],
+                )
+            )
+
+    def _short(self, daemon: Daemon, conns: int) -> loadgen.Result:
+        """A cached round short enough that three fit in the fetch timeout of the hangers."""
+        self.check_budget()
+        result = self.load.run(
+            daemon.port,
+            self.cached_keys,
+            conns=conns,
+            duration=1.5,
+            warmup=0.3,
+            pid=daemon.pid,
+            timeout=30,
+        )
+        if result.ok != result.answered or result.errors:
+            raise RuntimeError(f"{daemon.kind}/{daemon.cache}: cached round failed: {result}")
+        return result
+
+    def _with_hangers(self, daemon: Daemon, kind: str, cache: str) -> list[float]:
+        names = [bedtools.domain(f"bh-{kind}-{cache}-{i}") for i in range(HANG_CONNS)]
+        hosts = [f"mta-sts.{name}" for name in names]
+        base = sum(self.bed.https.request_count(host) for host in hosts)
+        hangers = self.load.start(
+            daemon.port, names, conns=HANG_CONNS, timeout=daemons.FETCH_TIMEOUT + 5
+        )
+        try:
+            # The daemon is waiting on every hanging host once they all received their GET.
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if sum(self.bed.https.request_count(host) for host in hosts) - base >= HANG_CONNS:
+                    break
+                time.sleep(0.02)
+            else:
+                raise RuntimeError(f"{kind}/{cache}: the hanging policy hosts were not all asked")
+            started = time.monotonic()
+            during = [
+                self._short(daemon, HEADLINE_CONNS).p99_us / 1000 for _ in range(self.s.rounds)
+            ]
+            if hangers.poll() is not None:
+                raise RuntimeError(f"{kind}/{cache}: the hanging requests ended during the rounds")
+            if time.monotonic() - started > daemons.FETCH_TIMEOUT:
+                raise RuntimeError(f"{kind}/{cache}: rounds outlasted the fetch timeout")
+            return during
+        finally:
+            hangers.kill()
+            hangers.wait()
+
+    # 5. scale -----------------------------------------------------------------------------------
+
+    def scale(self) -> None:
+        say("5. scale: 100000 domains in the SQLite cache")
+        figures: dict[tuple[str, int], dict[str, float]] = {}
+        for kind in KINDS:
+            for size in (SCALE_BASE, SCALE_DOMAINS):
+                self.check_budget()
+                keys = [bedtools.domain(f"sc{i:06d}") for i in range(size)]
+                path = self._dir(f"{kind}-fill-{size}") / "cache.sqlite"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                started = time.monotonic()
+                (fill_ours if kind == "ours" else fill_peer)(path, keys)
+                fill_s = time.monotonic() - started
+                with self.running(kind, "sqlite", path) as daemon:
+                    first = self.load.run(
+                        daemon.port, keys, conns=SCALE_CONNS, once=True, timeout=300
+                    )
+                    if first.ok != size:
+                        raise RuntimeError(f"{kind}: first pass over {size} gave {first}")
+                    rounds = [self.timed(daemon, keys, SCALE_CONNS) for _ in range(self.s.rounds)]
+                    rss = daemon.rss_bytes() / 2**20
+                size_mb = (
+                    sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
+                    / 2**20
+                )
+                figures[(kind, size)] = {
+                    "rps": median([r.rps for r in rounds]),
+                    "cpu": median([r.cpu_us_per_request for r in rounds]),
+                    "rss": rss,
+                    "file": size_mb,
+                    "first_rps": first.rps,
+                }
+                self.report.details[f"scale-{kind}-{size}"] = {
+                    "fill_s": fill_s,
+                    "first": asdict(first),
+                    "rounds": [asdict(r) for r in rounds],
+                    "rss_mb": rss,
+                    "file_mb": size_mb,
+                }
+        ours_big, peer_big = figures[("ours", SCALE_DOMAINS)], figures[("peer", SCALE_DOMAINS)]
+        ours_small, peer_small = figures[("ours", SCALE_BASE)], figures[("peer", SCALE_BASE)]
+        section = "5. scale, sqlite"
+        n = f"{SCALE_DOMAINS // 1000}k"
+        self.report.add(
+            Row(
+                section,
+                f"RSS MB, {n} domains answered",
+                ours_big["rss"],
+                peer_big["rss"],
+                target=f"< {RSS_LIMIT_MB:.0f} MB",
+                holds=ours_big["rss"] < RSS_LIMIT_MB,
+            )
+        )
+        self.report.add(
+            Row(
+                section, f"cache file MB, {n} domains", ours_big["file"], peer_big["file"], "{:.1f}"
+            )
+        )
+        self.report.add(
+            Row(section, f"answers/s, {SCALE_BASE} domains", ours_small["rps"], peer_small["rps"])
+        )
+        self.report.add(Row(section, f"answers/s, {n} domains", ours_big["rps"], peer_big["rps"]))
+        keep = {
+            k: figures[(k, SCALE_DOMAINS)]["rps"] / figures[(k, SCALE_BASE)]["rps"] for k in KINDS
+        }
+        self.report.add(
+            Row(
+                section,
+                f"answers/s {n} ÷ {SCALE_BASE} domains",
+                keep["ours"],
+                keep["peer"],
+                "{:.2f}",
+                target="≥ 0.80",
+                holds=keep["ours"] >= 0.8,
+            )
+        )
+        self.report.add(
+            Row(
+                section,
+                f"first answers/s from the file, {n}",
+                ours_big["first_rps"],
+                peer_big["first_rps"],
+            )
+        )
+
+    # 6. start-up --------------------------------------------------------------------------------
+
+    def startup(self) -> None:
+        say("6. start-up")
+        ready: dict[str, list[float]] = {k: [] for k in KINDS}
+        for _ in range(self.s.startup_rounds):
+            for kind in KINDS:
+                with self.running(kind, "sqlite") as daemon:
+                    ready[kind].append(daemon.ready_after)
+        query: list[float] = []
+        with self.running("ours", "sqlite") as daemon:
+            self.warm(daemon, self.cached_keys[:1], conns=1)
+            for _ in range(self.s.startup_rounds):
+                self.check_budget()
+                started = time.monotonic()
+                done = subprocess.run(
+                    [
+                        str(daemons.OURS_BIN),
+                        "query",
+                        "--socketmap",
+                        f"inet:127.0.0.1:{daemon.port}",
+                        self.cached_keys[0],
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    cwd=self.workdir,
+                )
+                query.append(time.monotonic() - started)
+                if done.returncode != 0 or "secure" not in done.stdout:
+                    raise RuntimeError(f"query --socketmap failed: {done}")
+        self.report.details["startup"] = {"ready": ready, "query": query}
+        ms = {k: median(ready[k]) * 1000 for k in KINDS}
+        limit = STARTUP_LIMIT_S * 1000
+        self.report.add(
+            Row(
+                "6. start-up",
+                "serve: exec to first answer, ms",
+                ms["ours"],
+                ms["peer"],
+                target=f"< {limit:.0f} ms",
+                holds=ms["ours"] < limit,
+            )
+        )
+        self.report.add(
+            Row(
+                "6. start-up",
+                "query --socketmap, one key, wall ms",
+                median(query) * 1000,
+                None,
+                target=f"< {limit:.0f} ms",
+                holds=median(query) * 1000 < limit,
+                note="the peer has no socketmap client",
+            )
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Filling the SQLite caches for measurement 5.
+
+
+def _policy(domain: str) -> str:
+    return f"version: STSv1\nmode: enforce\nmx: mail.{domain}\nmx: *.example.net\nmax_age: 86400\n"
+
+
+def fill_ours(path: Path, keys: Sequence[str]) -> None:
+    """Fresh, valid entries through postfix_mtasts.store (the daemon's own store API)."""
+    from postfix_mtasts.store import Entry, open_store
+
+    store = open_store("sqlite", str(path))
+    try:
+        now = time.time()
+        for i, domain in enumerate(keys):
+            store.put(
+                Entry(
+                    domain=domain,
+                    record_id=f"sc{i}",
+                    policy_text=_policy(domain),
+                    fetched_at=now,
+                    expires_at=now + 86400,
+                    checked_at=now,
+                    last_used=now,
+                )
+            )
+    finally:
+        store.close()
+
+
+def fill_peer(path: Path, keys: Sequence[str]) -> None:
+    """The same entries in postfix-mta-sts-resolver's schema (sqlite_cache.py of 1.5.1)."""
+    db = sqlite3.connect(path)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "create table if not exists proactive_fetch_ts "
+            "(id integer primary key, last_fetch_ts integer)"
+        )
+        db.execute(
+            "create table if not exists sts_policy_cache "
+            "(domain text, ts integer, pol_id text, pol_body text)"
+        )
+        db.execute(
+            "create unique index if not exists sts_policy_domain on sts_policy_cache (domain)"
+        )
+        db.execute(
+            "create index if not exists sts_policy_domain_ts on sts_policy_cache (domain, ts)"
+        )
+        now = int(time.time())
+        rows = (
+            (
+                domain,
+                now,
+                f"sc{i}",
+                json.dumps(
+                    {
+                        "version": "STSv1",
+                        "mode": "enforce",
+                        "mx": [f"mail.{domain}", "*.example.net"],
+                        "max_age": 86400,
+                    }
+                ),
+            )
+            for i, domain in enumerate(keys)
+        )
+        with db:
+            db.executemany("insert into sts_policy_cache values (?, ?, ?, ?)", rows)
+    finally:
+        db.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Output.
+
+
+def machine() -> dict[str, str]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    affinity = len(os.sched_getaffinity(0))
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": f"{os.cpu_count()} ({affinity} usable)",
+        "cpu_model": model or platform.processor() or "unknown",
+        "memory": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def table(report: Report, info: dict[str, str]) -> str:
+    lines = [
+        f"Run {info['date']} on {info['cpus']} CPUs ({info['cpu_model']}), {info['memory']}, "
+        f"Linux {info['kernel']}, Python {info['python']}; "
+        f"peer: postfix-mta-sts-resolver {daemons.PEER_VERSION} (uvloop). "
+        f"Medians over {info['rounds']} rounds.",
+        "",
+        "| measurement | metric | ours | peer | ours/peer | target | holds |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for row in report.rows:
+        ratio = row.ratio()
+        holds = {True: "yes", False: "**NO**", None: ""}[row.holds]
+        note = f" ({row.note})" if row.note else ""
+        lines.append(
+            f"| {row.section} | {row.metric}{note} | {_fmt(row.fmt, row.ours)} | "
+            f"{_fmt(row.fmt, row.peer)} | {'—' if ratio is None else f'{ratio:.2f}'} | "
+            f"{row.target} | {holds} |"
+        )
+    for error in report.errors:
+        lines.append(f"\nERROR: {error}")
+    return "\n".join(lines)
+
+
+def update_readme(text: str) -> None:
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    readme = README.read_text()
+    if start not in readme or end not in readme:
+        say(f"{README}: no {start} ... {end} markers; not updated")
+        return
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    README.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+    say(f"updated {README}")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per figure (median)")
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per cached round")
+    parser.add_argument(
+        "--only", default="1,2,3,4,5,6", help="measurements to run, e.g. 1,3 (default: all)"
+    )
+    parser.add_argument(
+        "--peer-venv", type=Path, default=daemons.DEFAULT_PEER_VENV, help="the peer's venv"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--update-readme", action="store_true", help="write the table into benchmarks/README.md"
+    )
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        say(
+            "benchmarks: run as root (port 443 for the policy hosts, a mount namespace for"
+            " the peer)"
+        )
+        return 2
+    if not 1 <= args.rounds <= 20 or not 0.5 <= args.duration <= 30:
+        parser.error("--rounds 1..20, --duration 0.5..30")
+    settings = Settings(
+        rounds=args.rounds,
+        duration=args.duration,
+        only=frozenset(int(x) for x in args.only.split(",") if x.strip()),
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="postfix-mtasts-bench-", dir="/var/tmp"))
+    info = machine()
+    info["rounds"] = str(settings.rounds)
+    started = time.monotonic()
+    bench: Bench | None = None
+    steps: list[tuple[int, Callable[[Bench], None]]] = [
+        (1, Bench.cached),
+        (2, Bench.fanout),
+        (3, Bench.stampede),
+        (4, Bench.slow_neighbour),
+        (5, Bench.scale),
+        (6, Bench.startup),
+    ]
+    try:
+        bench = Bench(settings, workdir, args.peer_venv)
+        for number, step in steps:
+            if number in settings.only:
+                try:
+                    step(bench)
+                except Exception as exc:
+                    traceback.print_exc()
+                    bench.report.errors.append(f"measurement {number}: {exc}")
+    except Exception as exc:
+        traceback.print_exc()
+        say(f"benchmarks: cannot run: {exc}")
+        return 2
+    finally:
+        if bench is not None:
+            bench.close()
+        if args.keep:
+            say(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report = bench.report
+    text = table(report, info)
+    print()
+    print(text)
+    elapsed = time.monotonic() - started
+    missed = [row for row in report.rows if row.holds is False]
+    print(
+        f"\n{len(missed)} target(s) missed, {len(report.errors)} error(s); "
+        f"{elapsed:.0f}s in all; {info['cpus']} CPUs"
+    )
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "latest.json").write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "rows": [asdict(r) | {"ratio": r.ratio()} for r in report.rows],
+                "errors": report.errors,
+                "details": report.details,
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    (RESULTS_DIR / "latest.md").write_text(text + "\n")
+    if args.update_readme:
+        update_readme(text)
+    if report.errors:
+        return 2
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
