@@ -108,7 +108,8 @@ def _host_state(host: str, resolver: SecureResolver) -> tuple[HostDane, int]:
     if usable:
         kinds = sorted({f"{r.usage} {r.selector} {r.mtype}" for r in usable})
         return HostDane(host, "usable", f"{len(usable)} usable TLSA ({', '.join(kinds)})"), ttl
-    return HostDane(host, "unusable", f"{len(tlsa.records)} TLSA, none usable"), ttl
+    count = len(tlsa.records) + tlsa.malformed
+    return HostDane(host, "unusable", f"{count} TLSA, none usable"), ttl
 
 
 def evaluate(domain: str, resolver: SecureResolver) -> DaneResult:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -33,6 +35,7 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
+import dns.rcode
 import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 import dns.resolver
@@ -84,6 +87,8 @@ class SecureAnswer:
     ttl: int
     records: tuple[Any, ...] = ()
     nxdomain: bool = False
+    # Records of the answer that could not be parsed and were left out (see _tlsa_query).
+    malformed: int = 0
 
 
 def parse_nameserver(text: str) -> tuple[str, int]:
@@ -274,6 +279,8 @@ class Resolver:
             qname = dns.name.from_text(name)
         except dns.exception.DNSException as exc:
             raise DNSTemporaryError(f"{question}: not a valid DNS name ({exc})") from exc
+        if type_code == dns.rdatatype.TLSA:
+            return self._tlsa_query(qname, question)
         try:
             answer = self._secure.resolve(qname, type_code, search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
@@ -290,6 +297,50 @@ class Resolver:
         if answer.rrset is None:
             return SecureAnswer(name, rdtype, False, secure, _negative_ttl(response))
         return SecureAnswer(name, rdtype, True, secure, answer.rrset.ttl, tuple(answer.rrset))
+
+    def _tlsa_query(self, qname: dns.name.Name, question: str) -> SecureAnswer:
+        """A TLSA query through our own exchange with the nameservers.
+
+        dnspython refuses a whole reply when one TLSA record's data has the wrong length for its
+        matching type. Such a record is legal on the wire and RFC 7672 §3.1 says to treat it as
+        unusable, no more: so the reply is parsed leniently here, the records that do not parse
+        are counted in ``malformed``, and the rest are kept. Tries each nameserver in turn within
+        the resolver's timeout and lifetime; a truncated UDP answer is asked again over TCP.
+        """
+        query = dns.message.make_query(
+            qname, dns.rdatatype.TLSA, want_dnssec=True, payload=_EDNS_PAYLOAD
+        )
+        query.flags |= dns.flags.AD
+        wire = query.to_wire()
+        deadline = time.monotonic() + self.lifetime
+        failures: list[str] = []
+        for address, port in self._addresses():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            where = f"{address} port {port}"
+            try:
+                reply = _exchange(wire, query.id, address, port, min(self.timeout, remaining))
+                response = dns.message.from_wire(reply, continue_on_error=True)
+            except (OSError, dns.exception.DNSException) as exc:
+                failures.append(f"{_socket_error(exc)} from {where}")
+                continue
+            rcode = response.rcode()
+            if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                failures.append(f"{dns.rcode.to_text(rcode)} from {where}")
+                continue
+            return _tlsa_answer(qname, question, response)
+        cause = ", ".join(dict.fromkeys(failures)) or f"timed out after {self.lifetime}s"
+        raise DNSTemporaryError(f"{question}: {cause}")
+
+    def _addresses(self) -> list[tuple[str, int]]:
+        servers = []
+        for ns in self._secure.nameservers:
+            if isinstance(ns, dns.nameserver.AddressAndPortNameserver):
+                servers.append((ns.address, ns.port))
+            else:
+                servers.append((str(ns), self._secure.port))
+        return servers
 
     def validates(self, name: str) -> bool:
         """Whether the resolver validates DNSSEC: it sets the AD bit on ``name``, which must be a
@@ -380,3 +431,70 @@ def _negative_ttl(response: dns.message.Message) -> int:
         if rrset.rdtype == dns.rdatatype.SOA:
             return int(min(rrset.ttl, min(rdata.minimum for rdata in rrset)))
     return 0
+
+
+def _socket_error(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "no answer"
+    if isinstance(exc, OSError):
+        return str(exc.strerror or exc)
+    return f"malformed answer ({exc})"
+
+
+def _exchange(wire: bytes, query_id: int, address: str, port: int, timeout: float) -> bytes:
+    """One DNS exchange over UDP, and over TCP when the UDP answer is truncated. Answers with
+    another id or from another address are ignored (RFC 5452 §9.1)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    deadline = time.monotonic() + timeout
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect((address, port))
+        sock.send(wire)
+        while True:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            reply = sock.recv(65535)
+            if len(reply) >= 12 and int.from_bytes(reply[:2], "big") == query_id:
+                break
+    if not reply[2] & 0x02:  # TC: the answer did not fit
+        return reply
+    with socket.create_connection((address, port), timeout=timeout) as conn:
+        conn.sendall(len(wire).to_bytes(2, "big") + wire)
+        length = int.from_bytes(_read_exactly(conn, 2, deadline), "big")
+        return _read_exactly(conn, length, deadline)
+
+
+def _read_exactly(conn: socket.socket, size: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < size:
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed in the middle of the answer")
+        data += chunk
+    return data
+
+
+def _tlsa_answer(
+    qname: dns.name.Name, question: str, response: dns.message.Message
+) -> SecureAnswer:
+    """The SecureAnswer of a leniently parsed TLSA response, CNAMEs in its answer followed."""
+    name = qname
+    secure = bool(response.flags & dns.flags.AD)
+    malformed = len(getattr(response, "errors", []))
+    text = qname.to_text(omit_final_dot=True)
+    for _ in range(_MAX_CNAME_QUERIES):
+        rrsets = {(r.name, r.rdtype): r for r in response.answer}
+        tlsa = rrsets.get((name, dns.rdatatype.TLSA))
+        if tlsa is not None:
+            return SecureAnswer(
+                text, "TLSA", True, secure, tlsa.ttl, tuple(tlsa), malformed=malformed
+            )
+        cname = rrsets.get((name, dns.rdatatype.CNAME))
+        if cname is None:
+            break
+        name = next(iter(cname)).target
+    if malformed:
+        # The only TLSA records there were could not be parsed: they exist, none is usable.
+        return SecureAnswer(text, "TLSA", True, secure, 0, (), malformed=malformed)
+    nxdomain = response.rcode() == dns.rcode.NXDOMAIN
+    return SecureAnswer(text, "TLSA", False, secure, _negative_ttl(response), nxdomain=nxdomain)

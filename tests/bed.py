@@ -262,7 +262,8 @@ USABLE_EE = f"3 1 1 {EE}"
 # RFC 7672 §3.1.2: DANE-TA, the full trust-anchor certificate, SHA-512.
 USABLE_TA = f"2 0 2 {TA}"
 # Records a DANE client must ignore: RFC 7672 §3.1.3 (PKIX-TA, PKIX-EE are unusable in SMTP), an
-# unknown selector or matching type (RFC 6698 §2.1), a digest of the wrong length (RFC 7671 §4).
+# unknown selector or matching type, a digest whose length does not fit its matching type (RFC 6698
+# §2.1.3: 32 bytes for SHA2-256): malformed, hence unusable.
 UNUSABLE = {
     "usage0": f"0 0 1 {EE}",
     "usage1": f"1 1 1 {EE}",
@@ -435,12 +436,14 @@ def _dane_scenarios() -> dict[str, DaneScenario]:
                 (f"_25._tcp.{down_host}", "TLSA", USABLE_EE),
             ),
         ),
-        # The MX RRset is secure, but its host is in the zone whose server is down.
+        # The MX RRset is secure, but its host is in the zone whose server is down. It has an
+        # MTA-STS policy too, which must not be answered instead: the TLSA records may exist.
         "down-host": DaneScenario(
             domain=f"down-host.{d}",
             state="temp",
             records=((f"down-host.{d}", "MX", f"10 {down_host}."),),
             hosts=((down_host, TEMP),),
+            policy_mx=(down_host,),
         ),
     }
 
@@ -796,8 +799,9 @@ def _unbound_config(
     anchors = "".join(f'    trust-anchor: "{anchor}"\n' for anchor in trust_anchors)
     anchors += "".join(f'    domain-insecure: "{zone}."\n' for zone in insecure)
     if trust_anchors:
-        # Say in the log why an answer is bogus; no leniency about it.
-        anchors += "    val-log-level: 2\n    val-permissive-mode: no\n"
+        # Say in the log why an answer is bogus; no leniency about it. And no denials made up
+        # from NSEC records seen earlier (RFC 8198): after a dynamic update they are stale.
+        anchors += "    val-log-level: 2\n    val-permissive-mode: no\n    aggressive-nsec: no\n"
     # unbound ships a built-in "test." zone answering NXDOMAIN; nodefault lets ours through.
     tlds = dict.fromkeys(zone.rsplit(".", 1)[-1] for zone in stubs)
     local_zones = "".join(f'    local-zone: "{tld}." nodefault\n' for tld in tlds)

@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from bed import Bed, BedError
+
+# Helper modules with asserts are rewritten like test modules, whoever imports them first.
+pytest.register_assert_rewrite("mtasts_daemon")
+
+from bed import Bed, BedError  # noqa: E402
 
 
 @pytest.fixture(scope="session")

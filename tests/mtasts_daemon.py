@@ -11,6 +11,10 @@ with ``pytest_plugins = ["mtasts_daemon"]``. Its profiles:
 - ``postfix`` (and any name without a section): the defaults, ``testing`` policies are NOTFOUND;
 - ``strict``: ``testing`` policies are enforced like ``enforce`` (``secure``);
 - ``opportunistic``: ``testing`` policies are answered ``may``.
+
+The session fixture ``dane_daemon`` is a second daemon with ``[dane] enabled``, asking the bed's
+validating resolver (``bed.validating_nameservers``), with the same profiles plus ``tlsrpt``
+(``tlsrpt = true``: MTA-STS answers carry Postfix 3.10's TLSRPT attributes).
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from bed import Bed
+from bed import DANE_ZONE, Bed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,6 +44,17 @@ HTTPS_TIMEOUT = 5.0
 DNS_TIMEOUT = 2.0
 
 PROFILES: Mapping[str, str] = {"strict": "secure", "opportunistic": "may"}
+
+# The DANE daemon's additions: DANE on, its start-up check asks for a signed name of the bed (the
+# default, the root zone, is unknown to the bed's resolvers).
+DANE_EXTRA = f"""
+[dane]
+enabled = true
+check_name = "{DANE_ZONE}"
+
+[maps.tlsrpt]
+tlsrpt = true
+"""
 
 # A parent-domain probe is answered NOTFOUND without any lookup: a harmless readiness request.
 _PROBE_KEY = ".readiness.invalid"
@@ -61,8 +76,10 @@ def daemon_config(
     cache_path: Path | None = None,
     log_level: str = "debug",
     extra: str = "",
+    nameservers: Sequence[str] | None = None,
 ) -> str:
-    """A configuration for a daemon asking the bed: its resolver, its CA, loopback policy hosts."""
+    """A configuration for a daemon asking the bed: its resolver (or ``nameservers``), its CA,
+    loopback policy hosts."""
     cache = (
         f'backend = "sqlite"\npath = {_toml(str(cache_path))}'
         if cache_path is not None
@@ -78,7 +95,7 @@ listen = {_toml(listen)}
 level = {_toml(log_level)}
 
 [dns]
-nameservers = {_toml(bed.resolver_nameservers)}
+nameservers = {_toml(list(nameservers or bed.resolver_nameservers))}
 timeout = {DNS_TIMEOUT}
 lifetime = {DNS_TIMEOUT * 2}
 
@@ -199,7 +216,14 @@ def _bind_failure(log_path: Path) -> bool:
     return os.strerror(errno.EADDRINUSE) in text or "in use" in text
 
 
-def start_daemon(bed: Bed, directory: Path, *, sqlite: bool = False, extra: str = "") -> Daemon:
+def start_daemon(
+    bed: Bed,
+    directory: Path,
+    *,
+    sqlite: bool = False,
+    extra: str = "",
+    nameservers: Sequence[str] | None = None,
+) -> Daemon:
     """Start a daemon for the bed in ``directory``; fail the test with its log if it does not
     come up. A port taken between choosing and binding it is retried with another."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -213,6 +237,7 @@ def start_daemon(bed: Bed, directory: Path, *, sqlite: bool = False, extra: str 
             [f"inet:127.0.0.1:{port}", f"unix:{socket_path}"],
             cache_path=directory / "cache.sqlite" if sqlite else None,
             extra=extra,
+            nameservers=nameservers,
         )
         config_path.write_text(text)
         with open(log_path, "ab") as log:
@@ -249,10 +274,15 @@ def start_daemon(bed: Bed, directory: Path, *, sqlite: bool = False, extra: str 
 
 @contextlib.contextmanager
 def running_daemon(
-    bed: Bed, directory: Path, *, sqlite: bool = False, extra: str = ""
+    bed: Bed,
+    directory: Path,
+    *,
+    sqlite: bool = False,
+    extra: str = "",
+    nameservers: Sequence[str] | None = None,
 ) -> Iterator[Daemon]:
     """A daemon for the duration of the block; it must exit 0 on SIGTERM at the end."""
-    running = start_daemon(bed, directory, sqlite=sqlite, extra=extra)
+    running = start_daemon(bed, directory, sqlite=sqlite, extra=extra, nameservers=nameservers)
     try:
         yield running
     finally:
@@ -269,4 +299,17 @@ def running_daemon(
 def daemon(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One ``postfix-mtasts serve`` for the session, asking the bed (profiles: see above)."""
     with running_daemon(bed, tmp_path_factory.mktemp("daemon")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def dane_daemon(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One ``postfix-mtasts serve`` for the session with DANE enabled, asking the bed's
+    validating resolver (profiles: see above, plus ``tlsrpt``)."""
+    with running_daemon(
+        bed,
+        tmp_path_factory.mktemp("dane-daemon"),
+        extra=DANE_EXTRA,
+        nameservers=bed.validating_nameservers,
+    ) as running:
         yield running

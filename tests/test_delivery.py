@@ -5,7 +5,10 @@ directory, chroot off, its log in a file) sends mail to STARTTLS receivers on lo
 Postfix finds them the way it finds any MX: through the system resolver, which reads
 ``/etc/resolv.conf`` and asks port 53. So the instance runs in a mount namespace of its own where a
 resolv.conf of ours is bind-mounted over ``/etc/resolv.conf``, pointing at an unbound of ours on
-port 53 of a loopback address that sends ``mtasts.test`` to the bed's knot and answers nothing else.
+port 53 of a loopback address that sends ``mtasts.test`` and ``dane.test`` to the bed's knot and
+answers nothing else. That unbound validates DNSSEC with the DS of the signed ``dane.test`` as its
+trust anchor, and the resolv.conf says ``options trust-ad``, so a Postfix with
+``smtp_dns_support_level = dnssec`` sees the AD bit (glibc drops it otherwise).
 Nothing of the system's configuration is changed; every address used is on loopback.
 
 The cases of RFC 8461 as a postmaster sees them in the mail log:
@@ -18,6 +21,12 @@ The cases of RFC 8461 as a postmaster sees them in the mail log:
 and two more that only MTA-STS explains: an MX host the policy does not list is refused even with
 a valid certificate for its own name, and a ``testing`` policy (answered NOTFOUND by default)
 delays nothing.
+
+DANE (RFC 7672), with a second Postfix (``smtp_dns_support_level = dnssec``) asking the daemon that
+has ``[dane] enabled``: a domain in the signed zone whose MX has a TLSA record matching the
+receiver's key is answered ``dane-only`` and delivered over a connection Postfix verified by that
+record alone (the certificate is from a CA Postfix does not trust); with a TLSA record for another
+key, the same delivery is deferred.
 """
 
 from __future__ import annotations
@@ -40,17 +49,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dns.exception
+import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
 import pytest
 import trustme
-from bed import WRONG_NAME, Bed, Response, Scenario, policy_text
+from bed import DANE_ZONE, WRONG_NAME, Bed, Response, Scenario, policy_text, tlsa_ee_digest
 
 if TYPE_CHECKING:
     from mtasts_daemon import Daemon
 
-# The session fixture ``daemon`` (tests/daemon.py).
+# The session fixtures ``daemon`` and ``dane_daemon`` (tests/mtasts_daemon.py).
 pytest_plugins = ["mtasts_daemon"]
 
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -115,9 +125,17 @@ def _port53_free(address: str) -> bool:
     return True
 
 
-def _unbound_config(workdir: Path, address: str, knot_port: int, zone: str) -> str:
-    """unbound answering only the test zone (from knot), NXDOMAIN for every other name: Postfix
-    in the namespace can reach nothing else by name."""
+def _unbound_config(
+    workdir: Path, address: str, knot_port: int, zones: list[str], trust_anchors: list[str]
+) -> str:
+    """unbound answering only the test zones (from knot), NXDOMAIN for every other name: Postfix
+    in the namespace can reach nothing else by name. It validates with ``trust_anchors``."""
+    anchors = "".join(f'    trust-anchor: "{anchor}"\n' for anchor in trust_anchors)
+    local_zones = "".join(f'    local-zone: "{zone}." transparent\n' for zone in zones)
+    stubs = "".join(
+        f'stub-zone:\n    name: "{zone}."\n    stub-addr: 127.0.0.1@{knot_port}\n\n'
+        for zone in zones
+    )
     return f"""\
 server:
     interface: {address}
@@ -139,18 +157,18 @@ server:
     access-control: 127.0.0.0/8 allow
     do-not-query-localhost: no
     qname-minimisation: no
-    module-config: "iterator"
+    module-config: "validator iterator"
+{anchors}\
+    val-permissive-mode: no
+    val-log-level: 2
+    aggressive-nsec: no
     cache-max-ttl: 0
     cache-max-negative-ttl: 0
     infra-host-ttl: 1
     local-zone: "." static
     local-zone: "test." nodefault
-    local-zone: "{zone}." transparent
-
-stub-zone:
-    name: "{zone}."
-    stub-addr: 127.0.0.1@{knot_port}
-
+{local_zones}
+{stubs}\
 remote-control:
     control-enable: no
 """
@@ -168,7 +186,11 @@ class Port53Resolver:
             if not _port53_free(address):
                 continue
             config = workdir / "unbound.conf"
-            config.write_text(_unbound_config(workdir, address, bed.knot_port, bed.zone))
+            config.write_text(
+                _unbound_config(
+                    workdir, address, bed.knot_port, [bed.zone, DANE_ZONE], bed.dane_trust_anchors
+                )
+            )
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(
                     [UNBOUND, "-d", "-c", str(config)],
@@ -401,7 +423,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-def _main_cf(root: Path, policy_table: str, ca_file: Path) -> str:
+def _main_cf(root: Path, policy_table: str, ca_file: Path, extra: str = "") -> str:
     return f"""\
 compatibility_level = 3.6
 queue_directory = {root}/queue
@@ -431,7 +453,7 @@ smtp_rcpt_timeout = {SMTP_IO_TIMEOUT:.0f}s
 smtp_data_init_timeout = {SMTP_IO_TIMEOUT:.0f}s
 smtp_data_xfer_timeout = {SMTP_IO_TIMEOUT:.0f}s
 smtp_data_done_timeout = {SMTP_IO_TIMEOUT:.0f}s
-"""
+{extra}"""
 
 
 @dataclass
@@ -451,6 +473,8 @@ class PostfixInstance:
     resolver_address: str
     policy_table: str
     ca_file: str
+    # More main.cf settings (the DANE sender's DNSSEC level).
+    extra_main_cf: str = ""
     master_pid: int = 0
     sent: list[str] = field(default_factory=list)
 
@@ -475,11 +499,14 @@ class PostfixInstance:
         ca_copy = self.root / "ca.pem"
         shutil.copyfile(self.ca_file, ca_copy)
         ca_copy.chmod(0o644)
-        (conf / "main.cf").write_text(_main_cf(self.root, self.policy_table, ca_copy))
+        (conf / "main.cf").write_text(
+            _main_cf(self.root, self.policy_table, ca_copy, self.extra_main_cf)
+        )
         (conf / "master.cf").write_text(MASTER_CF)
         resolv_conf = self.root / "resolv.conf"
         resolv_conf.write_text(
-            f"nameserver {self.resolver_address}\noptions timeout:2 attempts:2\n"
+            # trust-ad: glibc passes the resolver's AD bit on to Postfix (glibc 2.31 and newer).
+            f"nameserver {self.resolver_address}\noptions timeout:2 attempts:2 trust-ad\n"
         )
         resolv_conf.chmod(0o644)
         # Postfix's master and every daemon it starts stay in this mount namespace, where
@@ -600,23 +627,55 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def sender(
-    bed: Bed, daemon: Daemon, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PostfixInstance]:
-    """The delivering Postfix, its resolver in place, asking the daemon over ``inet:``."""
+def port53(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Port53Resolver]:
+    """The resolver of the delivering Postfixes, on port 53 of a loopback address."""
     _require(POSTFIX, SENDMAIL, POSTSUPER, UNBOUND, UNSHARE, MOUNT)
     resolver = Port53Resolver(bed, tmp_path_factory.mktemp("port53"))
+    try:
+        yield resolver
+    finally:
+        resolver.stop()
+
+
+@contextlib.contextmanager
+def postfix_instance(
+    bed: Bed, resolver: Port53Resolver, policy_table: str, extra_main_cf: str = ""
+) -> Iterator[PostfixInstance]:
     # Not under pytest's basetemp: that is mode 0700, and Postfix's daemons run as postfix.
     root = Path(tempfile.mkdtemp(prefix="postfix-mtasts-delivery-"))
     root.chmod(0o755)
-    instance = PostfixInstance(root, resolver.address, daemon.table("postfix"), bed.ca_file)
+    instance = PostfixInstance(root, resolver.address, policy_table, bed.ca_file, extra_main_cf)
     try:
         instance.start()
         yield instance
     finally:
         instance.stop()
-        resolver.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sender(bed: Bed, daemon: Daemon, port53: Port53Resolver) -> Iterator[PostfixInstance]:
+    """The delivering Postfix, its resolver in place, asking the daemon over ``inet:``."""
+    with postfix_instance(bed, port53, daemon.table("postfix")) as instance:
+        yield instance
+
+
+# RFC 7672 needs validated DNS: Postfix asks with the DO bit and trusts the resolver's AD bit. Its
+# start-up probe of whether the resolver validates asks for a name the bed signed.
+DANE_MAIN_CF = f"""\
+smtp_dns_support_level = dnssec
+dnssec_probe = ns:{DANE_ZONE}
+"""
+
+
+@pytest.fixture(scope="module")
+def dane_sender(bed: Bed, dane_daemon: Daemon, port53: Port53Resolver) -> Iterator[PostfixInstance]:
+    """A delivering Postfix for DANE: DNSSEC lookups, asking the daemon with ``[dane] enabled``."""
+    secure = dns.message.make_query(DANE_ZONE, "SOA", want_dnssec=True)
+    answer = dns.query.udp(secure, port53.address, port=53, timeout=3)
+    assert answer.flags & dns.flags.AD, f"the port 53 resolver does not validate:\n{answer}"
+    with postfix_instance(bed, port53, dane_daemon.table("postfix"), DANE_MAIN_CF) as instance:
+        yield instance
 
 
 @pytest.fixture
@@ -625,6 +684,14 @@ def postfix(sender: PostfixInstance) -> Iterator[PostfixInstance]:
     sender.clear_queue()
     yield sender
     sender.clear_queue()
+
+
+@pytest.fixture
+def dane_postfix(dane_sender: PostfixInstance) -> Iterator[PostfixInstance]:
+    """The DANE-delivering Postfix with an empty queue, emptied again afterwards."""
+    dane_sender.clear_queue()
+    yield dane_sender
+    dane_sender.clear_queue()
 
 
 @contextlib.contextmanager
@@ -766,3 +833,66 @@ def test_testing_domain_with_wrong_certificate_is_delivered(
         assert [m.rcpt_to for m in mx.messages] == [[f"<{recipient}>"]], mx.sessions
     assert daemon.request(domain) == "NOTFOUND "
     assert daemon.request(domain, "strict") == f"OK secure match={mx_host} servername=hostname"
+
+
+# --------------------------------------------------------------------------------------------------
+# DANE (RFC 7672).
+
+
+def publish_dane_mx(bed: Bed, domain: str, mx_host: str, address: str, tlsa_digest: str) -> None:
+    """MX, address and a DANE-EE TLSA record (3 1 1: SHA-256 of the key) in the signed zone."""
+    bed.dns_set(domain, "MX", [f"10 {mx_host}."])
+    bed.dns_set(mx_host, "A", [address])
+    bed.dns_set(f"_25._tcp.{mx_host}", "TLSA", [f"3 1 1 {tlsa_digest}"])
+
+
+def test_dane_only_domain_with_matching_tlsa_is_delivered_verified(
+    bed: Bed, dane_daemon: Daemon, dane_postfix: PostfixInstance
+) -> None:
+    domain = bed.unique_dane_domain("daneok")
+    mx_host = f"mail.{domain}"
+    # A certificate Postfix cannot verify by its CA file: only the TLSA record vouches for it.
+    cert = trustme.CA(organization_name="not trusted by Postfix").issue_cert(mx_host)
+    with receiver(mx_host, cert) as mx:
+        publish_dane_mx(bed, domain, mx_host, mx.address, tlsa_ee_digest(cert))
+        recipient = f"user@{domain}"
+        dane_postfix.send(recipient, "dane-only, matching TLSA")
+        delivery = dane_postfix.wait_for_delivery(recipient)
+        context = f"mail log:\n{dane_postfix.log()}\ndaemon log:\n{dane_daemon.log()}"
+        assert delivery.status == "sent", context
+        assert f"relay={mx_host}[{mx.address}]:25" in delivery.line, context
+        assert f"Verified TLS connection established to {mx_host}[{mx.address}]:25" in (
+            delivery.log
+        ), context
+        # Postfix saw the AD bit: its probe of the resolver found DNSSEC validation.
+        assert "DNSSEC validation may be unavailable" not in delivery.log, context
+        assert [m.rcpt_to for m in mx.messages] == [[f"<{recipient}>"]], mx.sessions
+        assert mx.messages[0].tls_version is not None
+    assert dane_daemon.request(domain) == "OK dane-only"
+
+
+def test_dane_only_domain_with_tlsa_for_another_key_is_deferred(
+    bed: Bed, dane_daemon: Daemon, dane_postfix: PostfixInstance
+) -> None:
+    domain = bed.unique_dane_domain("danebad")
+    mx_host = f"mail.{domain}"
+    # A certificate from the CA Postfix trusts, for the right name: only DANE can refuse it.
+    cert = bed.ca.issue_cert(mx_host)
+    other_key = tlsa_ee_digest(bed.ca.issue_cert(mx_host))
+    with receiver(mx_host, cert) as mx:
+        publish_dane_mx(bed, domain, mx_host, mx.address, other_key)
+        recipient = f"user@{domain}"
+        dane_postfix.send(recipient, "dane-only, TLSA for another key")
+        delivery = dane_postfix.wait_for_delivery(recipient)
+        context = f"mail log:\n{dane_postfix.log()}\ndaemon log:\n{dane_daemon.log()}"
+        assert delivery.status == "deferred", context
+        assert "dsn=4.7.5, status=deferred (Server certificate not verified)" in delivery.line
+        assert (
+            f"server certificate verification failed for {mx_host}[{mx.address}]:25: "
+            "num=65:no matching DANE TLSA records"
+        ) in delivery.log, context
+        assert f"Verified TLS connection established to {mx_host}" not in delivery.log, context
+        assert mx.messages == [], mx.messages
+        # It reached the receiver and started TLS: the refusal is Postfix's DANE check.
+        assert any(s.starttls for s in mx.sessions), mx.sessions
+    assert dane_daemon.request(domain) == "OK dane-only"
