@@ -19,7 +19,8 @@ than ``requests.get(url)``:
   only when one is configured. No HTTP cache (§3.3) — requests keeps none.
 
 Every failure is a ``FetchError`` whose message names the URL and the cause in plain words.
-A ``Fetcher`` is safe to share between threads: each ``get`` builds its own session and TLS context.
+A ``Fetcher`` is safe to share between threads: each ``get`` builds its own session; the TLS
+context, with its trust anchors, is built once and shared.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import ssl
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -88,18 +90,20 @@ class CertificateError(FetchError):
 # never more than what is left either.
 
 
-class _DeadlineSSLContext(ssl.SSLContext):
-    """An SSLContext for one fetch, whose sockets stop at ``deadline`` (time.monotonic())."""
+# The deadline of the fetch running in this thread (time.monotonic()). One SSLContext serves every
+# fetch: building one costs milliseconds (tens of them with the system's CA store), so the deadline
+# of each fetch lives with its thread instead, which is where requests does the fetch's I/O.
+_deadline = threading.local()
 
-    deadline: float = math.inf
+
+class _DeadlineSSLContext(ssl.SSLContext):
+    """An SSLContext whose sockets stop at the deadline of the fetch in their thread."""
 
 
 class _DeadlineSSLSocket(ssl.SSLSocket):
     def _limit_to_deadline(self) -> None:
-        context = self.context
-        if not isinstance(context, _DeadlineSSLContext):
-            return
-        remaining = context.deadline - time.monotonic()
+        deadline: float = getattr(_deadline, "value", math.inf)
+        remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("deadline reached")
         current = self.gettimeout()
@@ -267,6 +271,7 @@ class Fetcher:
         self.allow_private_addresses = allow_private_addresses
         self.port = port
         self._proxies = dict(proxies) if proxies else {}
+        self._context = self._ssl_context()
 
     def url(self, host: str, path: str = POLICY_PATH) -> str:
         """The URL fetched for ``host``, as it appears in messages."""
@@ -280,38 +285,46 @@ class Fetcher:
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/': {path!r}")
         url = self.url(host, path)
+        deadline = time.monotonic() + self.timeout
+        failures: list[_ConnectFailed] = []
+        refused: list[str] = []
+        tried = False
+        _deadline.value = deadline
         try:
-            found = self._resolver.addresses(host)
+            # IPv4 first; IPv6 is only looked up when no IPv4 address could be connected to.
+            for family in self._resolver.address_families(host):
+                for address in self._allowed(url, family, refused):
+                    tried = True
+                    if time.monotonic() >= deadline:
+                        raise FetchError(self._timed_out(url))
+                    try:
+                        return self._get_from(url, host, path, address, self._context, deadline)
+                    except _ConnectFailed as exc:
+                        # Only a failed TCP connection moves on to the next address: once a
+                        # server has answered, its answer (a status, a certificate) is final.
+                        failures.append(exc)
         except (DNSNotFound, DNSTemporaryError) as exc:
             raise FetchError(f"{url}: {exc}") from exc
-        addresses = self._allowed_addresses(url, host, found)
-
-        deadline = time.monotonic() + self.timeout
-        context = self._ssl_context(deadline)
-        failures: list[_ConnectFailed] = []
-        for address in addresses:
-            if time.monotonic() >= deadline:
-                break
-            try:
-                return self._get_from(url, host, path, address, context, deadline)
-            except _ConnectFailed as exc:
-                # Only a failed TCP connection moves on to the next address: once a server has
-                # answered, its answer (a status, a certificate) is the answer.
-                failures.append(exc)
+        finally:
+            _deadline.value = math.inf
+        if not tried:
+            which = (
+                f"address {refused[0]} is"
+                if len(refused) == 1
+                else f"addresses {', '.join(refused)} are"
+            )
+            raise FetchError(f"{url}: {which} not public (set allow_private_addresses to allow)")
         if time.monotonic() >= deadline:
             raise FetchError(self._timed_out(url))
-        tried = ", ".join(str(failure) for failure in failures)
-        raise FetchError(f"{url}: cannot connect to {tried}") from failures[-1].__cause__
+        tried_text = ", ".join(str(failure) for failure in failures)
+        raise FetchError(f"{url}: cannot connect to {tried_text}") from failures[-1].__cause__
 
     # -- steps of get() --------------------------------------------------------------------------
 
-    def _allowed_addresses(self, url: str, host: str, found: Sequence[str]) -> list[str]:
-        """The addresses that may be connected to, in the resolver's order. Non-public ones are
-        left out; only when nothing is left is the fetch refused, naming what was found."""
-        if not found:
-            raise FetchError(f"{url}: {host} has no address")
+    def _allowed(self, url: str, found: Sequence[str], refused: list[str]) -> list[str]:
+        """The addresses of ``found`` that may be connected to, in the resolver's order; the
+        non-public ones are added to ``refused`` (a fetch is refused only when nothing is left)."""
         allowed: list[str] = []
-        refused: list[str] = []
         for text in found:
             try:
                 address = ipaddress.ip_address(text)
@@ -321,16 +334,9 @@ class Fetcher:
                 allowed.append(str(address))
             else:
                 refused.append(str(address))
-        if not allowed:
-            which = (
-                f"address {refused[0]} is"
-                if len(refused) == 1
-                else (f"addresses {', '.join(refused)} are")
-            )
-            raise FetchError(f"{url}: {which} not public (set allow_private_addresses to allow)")
         return allowed
 
-    def _ssl_context(self, deadline: float) -> _DeadlineSSLContext:
+    def _ssl_context(self) -> _DeadlineSSLContext:
         # PROTOCOL_TLS_CLIENT: certificate and host name verification on.
         context = _DeadlineSSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8461 §3.3
@@ -338,7 +344,6 @@ class Fetcher:
             context.load_verify_locations(cadata=self._ca_data)
         else:
             context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        context.deadline = deadline
         return context
 
     def _timed_out(self, url: str) -> str:

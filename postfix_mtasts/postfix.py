@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 
 from postfix_mtasts.config import Profile
 from postfix_mtasts.dane import DaneResult, DaneState
@@ -38,6 +39,14 @@ __all__ = [
 NOTFOUND = "NOTFOUND "
 
 
+# The common key, an ASCII domain name of two or more labels whose last label starts with a
+# letter: accepted as it is, without the general checks below (it is a host name by
+# construction). A-labels (xn--) take the general path, which checks that they decode.
+_PLAIN_DOMAIN = re.compile(
+    r"(?:(?!xn--)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+(?!xn--)[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?"
+)
+
+
 def policy_domain(key: str) -> str | None:
     """The policy domain a Postfix lookup key stands for; ``None`` when no MTA-STS policy applies.
 
@@ -45,6 +54,14 @@ def policy_domain(key: str) -> str | None:
     next hops (``[host]``, ``[host]:port``: no MX lookup chose the host), IP addresses and anything
     that is not a domain name. ``domain:port`` stands for ``domain``.
     """
+    if key.isascii():
+        plain = key.lower()
+        if len(plain) <= 253 and _PLAIN_DOMAIN.fullmatch(plain) is not None:
+            return plain
+    return _general_policy_domain(key)
+
+
+def _general_policy_domain(key: str) -> str | None:
     if not key or key[0] in ".[" or any(c.isspace() for c in key):
         return None
     host, colon, port = key.rpartition(":")

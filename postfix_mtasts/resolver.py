@@ -26,7 +26,7 @@ import ipaddress
 import re
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -248,20 +248,30 @@ class Resolver:
         ``DNSNotFound`` only when neither A nor AAAA exists. When one family fails temporarily
         and the other answers, the answering family is enough to connect.
         """
-        found: list[str] = []
+        return [address for family in self.address_families(name) for address in family]
+
+    def address_families(self, name: str) -> Iterator[list[str]]:
+        """The IPv4 addresses of ``name``, then its IPv6 addresses: the AAAA query is only made
+        when the caller asks for more (an HTTPS fetch that reached an IPv4 address does not).
+
+        Raises as :meth:`addresses` does, once it is clear that neither family exists.
+        """
         not_found: list[DNSNotFound] = []
         failed: list[DNSTemporaryError] = []
+        found = False
         for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             try:
                 rrset = self._query(name, rdtype)
             except DNSNotFound as exc:
                 not_found.append(exc)
+                continue
             except DNSTemporaryError as exc:
                 failed.append(exc)
-            else:
-                found.extend(rdata.to_text() for rdata in rrset)
+                continue
+            found = True
+            yield [rdata.to_text() for rdata in rrset]
         if found:
-            return found
+            return
         if failed:
             raise failed[0]
         raise DNSNotFound(f"{name} A/AAAA: {self._reasons(not_found)}")

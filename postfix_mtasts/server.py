@@ -68,6 +68,8 @@ _MAX_UNIX_PATH = 107
 # Errors from accept() that mean "the process or system ran out of something": back off.
 _ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ACCEPT_RETRY_DELAY = 1.0
+# Checked and framed replies remembered for reuse.
+_ENCODED_REPLIES = 4096
 
 
 class Responder(Protocol):
@@ -562,12 +564,19 @@ class _Connection(asyncio.Protocol):
     # replies ------------------------------------------------------------------------------
 
     def _encode(self, name: str, key: str, reply: str) -> bytes:
+        encoded = self._server._encoded.get(reply)
+        if encoded is not None:
+            return encoded
         try:
-            return encode_reply(reply)
+            encoded = encode_reply(reply)
         except ReplyError as exc:
             self._server.lookup_errors += 1
             log.error("%s: invalid reply from the responder (map %s): %s", _key(key), name, exc)
             return temp("internal error")
+        # Few distinct replies exist (one per policy and profile): keep their frames.
+        if len(self._server._encoded) < _ENCODED_REPLIES:
+            self._server._encoded[reply] = encoded
+        return encoded
 
     def _send(self, data: bytes) -> None:
         if self._queue:
@@ -812,6 +821,7 @@ class Server:
 
         # Read once, here: after a fork (detaching) LISTEN_PID no longer names this process.
         self._systemd_fds = systemd_fds()
+        self._encoded: dict[str, bytes] = {}
         self._listeners = self._with_systemd(listeners)
         self._bound: dict[Listener, _Bound] = {}
         self._systemd_adopted = False

@@ -74,9 +74,9 @@ class Responder:
         domain = self._domains.get(key, _UNSEEN)
         if domain is _UNSEEN:
             domain = postfix.policy_domain(key)
-            if len(self._domains) >= MEMO_SIZE:
-                self._domains.clear()
-            self._domains[key] = domain
+            # Full: new keys are simply not remembered (no emptying and refilling under load).
+            if len(self._domains) < MEMO_SIZE:
+                self._domains[key] = domain
         if domain is None:
             return postfix.NOTFOUND
         if self.dane is not None:
@@ -96,9 +96,8 @@ class Responder:
         if memo is not None and memo[0] is decision:
             return memo[1]
         reply = _reply(decision, self._settings.profile(name))
-        if len(self._replies) >= MEMO_SIZE:
-            self._replies.clear()
-        self._replies[name, domain] = (decision, reply)
+        if memo is not None or len(self._replies) < MEMO_SIZE:
+            self._replies[name, domain] = (decision, reply)
         return reply
 
     async def _after_dane(self, pending: asyncio.Future[DaneResult], name: str, domain: str) -> str:

@@ -441,3 +441,16 @@ def test_any_policy_value_gives_notfound_or_a_strict_reply(
     reply = policy_reply(value, profile)
     assert reply in (NOTFOUND, "OK may") or SECURE_REPLY.fullmatch(reply), reply
     assert not reply.startswith("OK") or len(reply) > len("OK ")
+
+
+@given(
+    st.text(
+        alphabet=st.sampled_from("abcxnXN019-.:[] \u00fc"),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_the_fast_path_for_plain_keys_agrees_with_the_general_rules(key: str) -> None:
+    from postfix_mtasts.postfix import _general_policy_domain
+
+    assert policy_domain(key) == _general_policy_domain(key)
