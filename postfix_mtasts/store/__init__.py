@@ -31,7 +31,7 @@ __all__ = [
 MAX_POLICY_TEXT = 65536
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """What is remembered of one policy domain. Times are Unix timestamps (seconds)."""
 
