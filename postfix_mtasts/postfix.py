@@ -86,6 +86,11 @@ def _general_policy_domain(key: str) -> str | None:
     return domain
 
 
+def _valid_host(name: str) -> bool:
+    # The common case by one regular expression, the rest by the full rules.
+    return _PLAIN_DOMAIN.fullmatch(name) is not None or is_hostname(name)
+
+
 def match_patterns(policy: Policy) -> list[str]:
     """The ``match=`` list for a policy: its ``mx`` patterns in policy order, duplicates removed,
     ``*.example.net`` written ``.example.net`` (Postfix's form for "a name below example.net")."""
@@ -93,7 +98,7 @@ def match_patterns(policy: Policy) -> list[str]:
     for mx in policy.mx:
         # Parsed mx values are host names already; check again so that no other producer of a
         # Policy can put text into the reply.
-        if not is_hostname(mx.domain):
+        if not _valid_host(mx.domain):
             continue
         pattern = f".{mx.domain}" if mx.wildcard else mx.domain
         if pattern not in patterns:
@@ -142,7 +147,7 @@ def tlsrpt_attributes(policy: Policy, domain: str, policy_text: str | None, used
     are left out and that is logged.
     """
     parts = [" policy_type=sts", f" policy_domain={domain}"]
-    parts.extend(f" mx_host_pattern={mx}" for mx in policy.mx if is_hostname(mx.domain))
+    parts.extend(f" mx_host_pattern={mx}" for mx in policy.mx if _valid_host(mx.domain))
     head = "".join(parts)
     lines: list[str] = []
     for line in (policy_text or "").split("\n"):
