@@ -51,6 +51,34 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def clean_env() -> dict[str, str]:
+    """The environment for a daemon: no proxy settings, and bytecode caching as on an installed
+    system (this machine's environment may set PYTHONDONTWRITEBYTECODE, which makes every start
+    compile the package's source again)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.lower().endswith("_proxy") and k != "PYTHONDONTWRITEBYTECODE"
+    }
+
+
+def compile_ours() -> None:
+    """Byte-compile the package, as pip does when it installs one (the checkout is an editable
+    install, which pip does not compile)."""
+    subprocess.run(
+        [
+            str(REPO / ".venv" / "bin" / "python"),
+            "-m",
+            "compileall",
+            "-q",
+            str(REPO / "postfix_mtasts"),
+        ],
+        env=clean_env(),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
 def netstring(payload: bytes) -> bytes:
     return b"%d:%s," % (len(payload), payload)
 
@@ -214,7 +242,7 @@ def start_ours(
         config = directory / "config.toml"
         config.write_text(ours_config(bed, port, cache, cache_path))
         log_path = directory / "daemon.log"
-        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env = clean_env()
         with open(log_path, "ab") as log:
             started = time.monotonic()
             process = subprocess.Popen(
@@ -311,7 +339,7 @@ def start_peer(
         cache_path = directory / "cache.sqlite"
     resolv = directory / "resolv.conf"
     resolv.write_text("".join(f"nameserver {ns}\n" for ns in bed.resolver_nameservers))
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env = clean_env()
     env["SSL_CERT_FILE"] = bed.ca_file
     for _attempt in range(3):
         port = free_port()
