@@ -479,6 +479,11 @@ class PolicyDB:
                 log.info("removed %d cache entries unused since %s", removed, _when(horizon))
 
     @property
+    def size(self) -> int:
+        """Domains held in memory."""
+        return len(self._slots)
+
+    @property
     def pending(self) -> int:
         """Lookups under way (for statistics and graceful stop)."""
         return len(self._background)

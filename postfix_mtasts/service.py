@@ -34,9 +34,8 @@ __all__ = ["Responder", "run"]
 
 log = logging.getLogger("postfix_mtasts")
 
-# Entries of the responder's memos before they are emptied and refilled.
-MEMO_SIZE = 65536
-_UNSEEN: Any = object()
+# The responder's reply memo holds at least this many entries, else twice the cached domains.
+MEMO_SIZE = 4096
 
 # How often expired DANE verdicts are forgotten.
 DANE_PRUNE_INTERVAL = 300.0
@@ -55,11 +54,10 @@ class Responder:
         self._settings = settings
         self.db = db
         self.dane = dane_cache
-        # Memos for the hot path, where the same few keys are asked again and again: the policy
-        # domain of a key, and the reply last built for a (map name, domain) with the decision it
-        # was built from (a new decision is a new object, so an identity check keeps it true).
-        self._domains: dict[str, str | None] = {}
-        self._replies: dict[tuple[str, str], tuple[Decision, str]] = {}
+        # The hot path's memo: per (map name, key as Postfix sent it), the policy domain, the
+        # MTA-STS decision the reply was built from and the reply. A new decision is a new
+        # object, so an identity check against the cache's current one keeps the memo true.
+        self._replies: dict[tuple[str, str], tuple[str, Decision, str]] = {}
 
     @property
     def settings(self) -> config.Config:
@@ -71,12 +69,14 @@ class Responder:
         self._replies.clear()
 
     def lookup(self, name: str, key: str) -> str | asyncio.Future[str]:
-        domain = self._domains.get(key, _UNSEEN)
-        if domain is _UNSEEN:
-            domain = postfix.policy_domain(key)
-            # Full: new keys are simply not remembered (no emptying and refilling under load).
-            if len(self._domains) < MEMO_SIZE:
-                self._domains[key] = domain
+        if self.dane is None:
+            memo = self._replies.get((name, key))
+            if memo is not None:
+                decision = self.db.lookup(memo[0])
+                if decision is memo[1]:
+                    return memo[2]
+                return self._mtasts_reply(name, key, memo[0], decision)
+        domain = postfix.policy_domain(key)
         if domain is None:
             return postfix.NOTFOUND
         if self.dane is not None:
@@ -86,23 +86,31 @@ class Responder:
             reply = postfix.dane_reply(verdict)
             if reply is not None:
                 return reply
-        return self._mtasts_reply(name, domain)
+        return self._mtasts_reply(name, key, domain)
 
-    def _mtasts_reply(self, name: str, domain: str) -> str | asyncio.Future[str]:
-        decision = self.db.lookup(domain)
+    def _mtasts_reply(
+        self,
+        name: str,
+        key: str,
+        domain: str,
+        decision: Decision | asyncio.Future[Decision] | None = None,
+    ) -> str | asyncio.Future[str]:
+        if decision is None:
+            decision = self.db.lookup(domain)
         if not isinstance(decision, Decision):
             return asyncio.ensure_future(self._later(decision, self._settings.profile(name)))
-        memo = self._replies.get((name, domain))
-        if memo is not None and memo[0] is decision:
-            return memo[1]
         reply = _reply(decision, self._settings.profile(name))
-        if memo is not None or len(self._replies) < MEMO_SIZE:
-            self._replies[name, domain] = (decision, reply)
+        if (name, key) not in self._replies and len(self._replies) >= max(
+            MEMO_SIZE, 2 * self.db.size
+        ):
+            # More entries than the cache has domains (per map name): drop the stale ones.
+            self._replies.clear()
+        self._replies[name, key] = (domain, decision, reply)
         return reply
 
     async def _after_dane(self, pending: asyncio.Future[DaneResult], name: str, domain: str) -> str:
         # Start the MTA-STS lookup too, so that a domain without DANE waits for one round only.
-        mtasts_reply = self._mtasts_reply(name, domain)
+        mtasts_reply = self._mtasts_reply(name, domain, domain)
         reply = postfix.dane_reply(await pending)
         if reply is not None:
             return reply
