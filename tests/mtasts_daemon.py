@@ -313,3 +313,43 @@ def dane_daemon(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         nameservers=bed.validating_nameservers,
     ) as running:
         yield running
+
+
+# --------------------------------------------------------------------------------------------------
+# postmap: Postfix's own client of the daemon (shared by the test modules that use real Postfix).
+
+POSTMAP = "/usr/sbin/postmap"
+ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="module")
+def postfix_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Postfix configuration directory for ``postmap -c``: a main.cf like Debian 12's."""
+    if not os.access(POSTMAP, os.X_OK):
+        message = f"{POSTMAP} not found: install the Debian package postfix (tests/run does)"
+        if ON_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    directory = tmp_path_factory.mktemp("postmap")
+    (directory / "main.cf").write_text("compatibility_level = 3.6\n")
+    return directory
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What one tool said about one key."""
+
+    status: int
+    stdout: str
+    stderr: str
+
+
+def postmap(postfix_dir: Path, key: str, table: str) -> Lookup:
+    result = subprocess.run(
+        [POSTMAP, "-c", str(postfix_dir), "-q", key, table],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return Lookup(result.returncode, result.stdout, result.stderr)

@@ -16,11 +16,9 @@ resolver, and the TLSRPT attributes an opted-in socketmap name adds to MTA-STS a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +39,7 @@ from bed import (
     domain_of,
     policy_text,
 )
-from mtasts_daemon import DANE_EXTRA, running_daemon
+from mtasts_daemon import DANE_EXTRA, postmap, running_daemon
 
 from postfix_mtasts import dane
 from postfix_mtasts.resolver import DNSTemporaryError, Resolver
@@ -53,8 +51,6 @@ if TYPE_CHECKING:
 pytest_plugins = ["mtasts_daemon"]
 
 REPO = Path(__file__).resolve().parent.parent
-POSTMAP = "/usr/sbin/postmap"
-ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 DNS_TIMEOUT = 2.0
 # A lookup in the zone whose server is down fails within unbound's retransmit limit; anything
@@ -211,37 +207,6 @@ def test_secure_query_in_the_zone_whose_server_is_down_is_a_temporary_error(
 
 # --------------------------------------------------------------------------------------------------
 # The daemon, through postmap.
-
-
-@pytest.fixture(scope="module")
-def postfix_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Postfix configuration directory for ``postmap -c`` (main.cf like Debian 12's)."""
-    if not os.access(POSTMAP, os.X_OK):
-        message = f"{POSTMAP} not found: install the Debian package postfix (tests/run does)"
-        if ON_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    directory = tmp_path_factory.mktemp("postmap-dane")
-    (directory / "main.cf").write_text("compatibility_level = 3.6\n")
-    return directory
-
-
-@dataclass(frozen=True)
-class Lookup:
-    status: int
-    stdout: str
-    stderr: str
-
-
-def postmap(postfix_dir: Path, key: str, table: str) -> Lookup:
-    result = subprocess.run(
-        [POSTMAP, "-c", str(postfix_dir), "-q", key, table],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    return Lookup(result.returncode, result.stdout, result.stderr)
 
 
 def assert_postmap_finds(

@@ -12,16 +12,15 @@ the system's Postfix configuration is used or changed.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import idna
 import pytest
 from bed import SCENARIOS, Bed, Response, Scenario, domain_of, policy_text
+from mtasts_daemon import POSTMAP, Lookup, postmap
 
 if TYPE_CHECKING:
     from mtasts_daemon import Daemon
@@ -31,8 +30,6 @@ pytest_plugins = ["mtasts_daemon"]
 
 REPO = Path(__file__).resolve().parent.parent
 
-POSTMAP = "/usr/sbin/postmap"
-ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # An internationalised domain in the zone: bücher.mtasts.test.
 IDN_ULABEL = "bücher"
@@ -58,19 +55,6 @@ def idn_mx() -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def postfix_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Postfix configuration directory for ``postmap -c``: a main.cf like Debian 12's."""
-    if not os.access(POSTMAP, os.X_OK):
-        message = f"{POSTMAP} not found: install the Debian package postfix (tests/run does)"
-        if ON_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    directory = tmp_path_factory.mktemp("postmap")
-    (directory / "main.cf").write_text("compatibility_level = 3.6\n")
-    return directory
-
-
-@pytest.fixture(scope="module")
 def idn_domain(bed: Bed) -> str:
     """bücher.mtasts.test (as its A-label) with an enforce policy."""
     record_id = "idn20240101"
@@ -82,26 +66,6 @@ def idn_domain(bed: Bed) -> str:
         ),
     )
     return IDN_DOMAIN
-
-
-@dataclass(frozen=True)
-class Lookup:
-    """What one tool said about one key."""
-
-    status: int
-    stdout: str
-    stderr: str
-
-
-def postmap(postfix_dir: Path, key: str, table: str) -> Lookup:
-    result = subprocess.run(
-        [POSTMAP, "-c", str(postfix_dir), "-q", key, table],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return Lookup(result.returncode, result.stdout, result.stderr)
 
 
 def query_socketmap(endpoint: str, name: str, *keys: str, stdin: str | None = None) -> Lookup:
