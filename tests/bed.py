@@ -782,18 +782,22 @@ def _generate_key(config: Path, zone: str) -> str:
     raise BedError(f"keymgr {zone}. ds printed no SHA-256 DS record")
 
 
-def _unbound_config(
+def unbound_config(
     workdir: Path,
     port: int,
     stubs: Mapping[str, str],
     trust_anchors: Sequence[str] = (),
     insecure: Sequence[str] = (),
+    *,
+    interface: str = "127.0.0.1",
+    stub_zones_only: bool = False,
 ) -> str:
     """unbound as a recursive resolver on loopback; stubs maps zone -> "addr@port" of knot.
 
     With trust_anchors (DS or DNSKEY records in zone-file text) it validates (RFC 4035 §4.3):
     answers under an anchor are secure (AD bit) or bogus (SERVFAIL), others insecure; the zones in
-    ``insecure`` are declared unsigned.
+    ``insecure`` are declared unsigned. With ``stub_zones_only`` every other name is NXDOMAIN, so
+    a client of this resolver can reach nothing else by name (the delivery test's Postfix).
     """
     modules = "validator iterator" if trust_anchors else "iterator"
     anchors = "".join(f'    trust-anchor: "{anchor}"\n' for anchor in trust_anchors)
@@ -805,13 +809,17 @@ def _unbound_config(
     # unbound ships a built-in "test." zone answering NXDOMAIN; nodefault lets ours through.
     tlds = dict.fromkeys(zone.rsplit(".", 1)[-1] for zone in stubs)
     local_zones = "".join(f'    local-zone: "{tld}." nodefault\n' for tld in tlds)
+    if stub_zones_only:
+        local_zones += '    local-zone: "." static\n' + "".join(
+            f'    local-zone: "{zone}." transparent\n' for zone in stubs
+        )
     stub_zones = "".join(
         f'stub-zone:\n    name: "{zone}."\n    stub-addr: {address}\n'
         for zone, address in stubs.items()
     )
     return f"""\
 server:
-    interface: 127.0.0.1
+    interface: {interface}
     port: {port}
     do-ip4: yes
     do-ip6: no
@@ -1296,13 +1304,13 @@ class Bed:
             (
                 plain_dir,
                 self.unbound_port,
-                _unbound_config(plain_dir, self.unbound_port, stubs),
+                unbound_config(plain_dir, self.unbound_port, stubs),
                 "unbound",
             ),
             (
                 validating_dir,
                 self.validating_port,
-                _unbound_config(
+                unbound_config(
                     validating_dir,
                     self.validating_port,
                     stubs,
