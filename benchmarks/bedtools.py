@@ -63,28 +63,10 @@ def record_id(label: str) -> str:
     return ("b" + re.sub(r"[^A-Za-z0-9]", "", label))[:31] + "1"
 
 
-def _log_queries(original):  # type: ignore[no-untyped-def]
-    def config(*args, **kwargs):  # type: ignore[no-untyped-def]
-        text = original(*args, **kwargs)
-        if "server:\n" not in text:
-            raise RuntimeError("tests/bed.py: unbound configuration has no 'server:' clause")
-        return text.replace("server:\n", "server:\n    log-queries: yes\n", 1)
-
-    return config
-
-
 def start_bed(workdir: Path) -> Bed:
     """Start the bed with unbound's query log on and a large HTTPS listen backlog."""
-    if not hasattr(bedmod, "_unbound_config") or not hasattr(bedmod, "_TLSHTTPServer"):
-        raise RuntimeError(
-            "tests/bed.py changed: benchmarks/bedtools.py needs _unbound_config and _TLSHTTPServer"
-        )
-    if not getattr(bedmod, "_bench_patched", False):
-        bedmod._unbound_config = _log_queries(bedmod._unbound_config)
-        bedmod._TLSHTTPServer.request_queue_size = HTTPS_BACKLOG
-        bedmod._bench_patched = True
     workdir.mkdir(parents=True, exist_ok=True)
-    return Bed.start(workdir)
+    return Bed.start(workdir, log_queries=True, https_backlog=HTTPS_BACKLOG)
 
 
 def publish(bed: Bed, domains: Iterable[tuple[str, Response]]) -> None:

@@ -14,6 +14,7 @@ of a small, closed set of errors that names the domain and chains its cause.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 from typing import Protocol
@@ -311,14 +312,22 @@ _POLICY_VALUE = re.compile(
 _MAX_AGE = re.compile(r"[0-9]{1,10}")
 
 
+# Policies of many domains name the same MX hosts (those of the large mail providers): the most
+# recent distinct values each map to one shared MX object, so a cache of many policies holds each
+# host name once. MX is immutable, and lru_cache is safe to call from several threads.
+_SHARED_MX = 4096
+
+
+@functools.lru_cache(maxsize=_SHARED_MX)
 def _parse_mx(value: str) -> MX:
     wildcard = value.startswith("*.")
     name = value[2:] if wildcard else value
+    lowered = name.lower()
     # RFC 8461 §3.2: A-labels only; anything that is not a host name is refused, so no mx value
     # can carry text into a Postfix policy string later.
-    if not is_hostname(name.lower()):
+    if not is_hostname(lowered):
         raise ValueError(f"mx {value!r} is not a host name in A-label form")
-    return MX(wildcard=wildcard, domain=name.lower())
+    return MX(wildcard=wildcard, domain=name if lowered == name else lowered)
 
 
 def _policy_lines(text: str) -> list[str]:
@@ -395,7 +404,7 @@ def parse_policy(text: str | bytes, domain: str = "") -> Policy:
     if not mx and mode is not Mode.NONE:
         raise fail(f'no "mx" field in a {mode} policy')
     return Policy(
-        version=version,
+        version="STSv1",  # the constant, not the parsed copy: one string for all
         mode=mode,
         mx=tuple(mx),
         max_age=max_age,

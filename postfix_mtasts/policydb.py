@@ -73,17 +73,35 @@ class Decision:
 
 
 class _Slot:
-    """The in-memory state of one domain: its entry, the decision derived from it, and until when
-    that decision may be answered without asking anyone."""
+    """The in-memory state of one domain: the decision to answer with, until when it may be
+    answered without asking anyone, and when the domain was last used.
 
-    __slots__ = ("check_after", "decision", "entry", "pending", "valid_until")
+    The entry behind the decision lives in the store, not here: a revalidation reads it again
+    (another daemon may have refreshed it meanwhile). Only an entry the store failed to save is
+    kept in memory (``unsaved``), so that a store that fails loses nothing. Kept this small because
+    there is one per cached domain: at 100000 domains every attribute costs megabytes.
+    """
 
-    def __init__(self, entry: Entry, decision: Decision, valid_until: float, check_after: float):
-        self.entry = entry
+    __slots__ = ("check_after", "decision", "last_used", "pending", "unsaved", "valid_until")
+
+    def __init__(
+        self,
+        decision: Decision,
+        valid_until: float,
+        check_after: float,
+        last_used: float,
+        unsaved: Entry | None = None,
+    ):
         self.decision = decision
         self.valid_until = valid_until
         self.check_after = check_after
-        self.pending: asyncio.Future[tuple[Entry, Decision]] | None = None
+        self.last_used = last_used
+        self.unsaved = unsaved
+        self.pending: asyncio.Future[_Result] | None = None
+
+
+# What a lookup in the thread pool returns: the entry, the decision, whether the store holds it.
+_Result = tuple[Entry, Decision, bool]
 
 
 def _unexpired(decision: Decision, now: float) -> Decision:
@@ -127,7 +145,7 @@ class PolicyDB:
             max_workers=self.settings.lookup_threads, thread_name_prefix="lookup"
         )
         self._maintenance: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Future[tuple[Entry, Decision]]] = set()
+        self._background: set[asyncio.Future[_Result]] = set()
         # Counters for statistics and tests.
         self.hits = 0
         self.misses = 0
@@ -153,12 +171,10 @@ class PolicyDB:
             job = self._start(domain, slot)
         return asyncio.ensure_future(self._first_answer(domain, job))
 
-    async def _first_answer(
-        self, domain: str, job: asyncio.Future[tuple[Entry, Decision]]
-    ) -> Decision:
+    async def _first_answer(self, domain: str, job: asyncio.Future[_Result]) -> Decision:
         deadline = self.settings.first_lookup_deadline
         try:
-            _, decision = await asyncio.wait_for(asyncio.shield(job), deadline)
+            _, decision, _ = await asyncio.wait_for(asyncio.shield(job), deadline)
         except TimeoutError:
             # RFC 8461 §3.3: no policy known and none could be fetched in time: deliver as if the
             # domain had no MTA-STS. The lookup goes on and its result serves the next asker.
@@ -177,31 +193,22 @@ class PolicyDB:
     # ---------------------------------------------------------------------------------------------
     # Lookups in the thread pool.
 
-    def _start(self, domain: str, slot: _Slot | None) -> asyncio.Future[tuple[Entry, Decision]]:
+    def _start(self, domain: str, slot: _Slot | None) -> asyncio.Future[_Result]:
         loop = asyncio.get_running_loop()
-        entry = slot.entry if slot is not None else None
-        cached = slot.decision.policy if slot is not None else None
-        job = loop.run_in_executor(self._pool, self._work, domain, entry, cached)
+        current = slot.decision if slot is not None else None
+        unsaved = slot.unsaved if slot is not None else None
+        job = loop.run_in_executor(self._pool, self._work, domain, current, unsaved)
         if slot is None:
             # A placeholder slot holds the shared job until the first result arrives; it is never
             # answered from (valid_until is 0).
-            placeholder = Entry(
-                domain=domain,
-                record_id=None,
-                policy_text=None,
-                fetched_at=None,
-                expires_at=None,
-                checked_at=None,
-                last_used=self._clock(),
-            )
-            slot = _Slot(placeholder, Decision(domain, None), 0.0, 0.0)
+            slot = _Slot(Decision(domain, None), 0.0, 0.0, self._clock())
             self._slots[domain] = slot
         slot.pending = job
         self._background.add(job)
         job.add_done_callback(lambda done: self._finished(domain, done))
         return job
 
-    def _finished(self, domain: str, job: asyncio.Future[tuple[Entry, Decision]]) -> None:
+    def _finished(self, domain: str, job: asyncio.Future[_Result]) -> None:
         self._background.discard(job)
         slot = self._slots.get(domain)
         if slot is not None and slot.pending is job:
@@ -214,16 +221,14 @@ class PolicyDB:
             if slot is not None and slot.valid_until == 0.0:
                 del self._slots[domain]
             return
-        entry, decision = job.result()
-        self._install(entry, decision)
-
-    def _install(self, entry: Entry, decision: Decision) -> None:
+        entry, decision, saved = job.result()
         valid_until, check_after = self._schedule(entry, decision)
-        slot = self._slots.get(entry.domain)
+        unsaved = None if saved else entry
         if slot is None:
-            self._slots[entry.domain] = _Slot(entry, decision, valid_until, check_after)
+            slot = _Slot(decision, valid_until, check_after, entry.last_used, unsaved)
+            self._slots[domain] = slot
         else:
-            slot.entry, slot.decision = entry, decision
+            slot.decision, slot.unsaved = decision, unsaved
             slot.valid_until, slot.check_after = valid_until, check_after
 
     def _schedule(self, entry: Entry, decision: Decision) -> tuple[float, float]:
@@ -239,34 +244,46 @@ class PolicyDB:
             return entry.expires_at, min(check_after, entry.expires_at)
         return entry.backoff_until, entry.backoff_until
 
-    def _work(
-        self, domain: str, entry: Entry | None, cached: Policy | None
-    ) -> tuple[Entry, Decision]:
-        """In the thread pool: bring ``domain`` up to date, from the store or the network."""
+    def _work(self, domain: str, current: Decision | None, unsaved: Entry | None) -> _Result:
+        """In the thread pool: bring ``domain`` up to date, from the store or the network.
+
+        ``current`` is the decision answered from now (None for a domain not in memory) and
+        ``unsaved`` the entry behind it when the store could not save that entry.
+        """
         now = self._clock()
-        if entry is None:
-            entry = self._load(domain)
-            if entry is not None:
-                cached = self._parse_cached(entry, now)
-                decision = self._decision(entry, cached)
-                valid_until, check_after = self._schedule(entry, decision)
-                if now < valid_until and now < check_after:
-                    # Fresh in the store (written before a restart, or by another daemon).
-                    return entry, decision
-        if cached is not None and entry is not None and (entry.expires_at or 0.0) <= now:
-            cached = None
-        if cached is None and entry is not None and entry.last_error and now < entry.backoff_until:
-            # §3.3: a failed attempt is not repeated within the retry interval, also when the
-            # policy it failed to refresh has expired meanwhile.
-            return entry, self._decision(entry, None)
+        entry = unsaved or self._load(domain)
+        if entry is None and current is not None and current.policy is not None:
+            # The store lost the entry (purged, replaced, unreadable), but the policy in memory
+            # must still be applied until it expires (§5): go on from what the decision says.
+            entry = Entry(
+                domain=domain,
+                record_id=current.record_id,
+                policy_text=current.policy_text,
+                fetched_at=None,
+                expires_at=current.expires_at,
+                checked_at=None,
+                last_used=now,
+            )
+        cached = None
+        if entry is not None:
+            cached = self._parse_cached(entry, now)
+            decision = self._decision(domain, entry, cached)
+            valid_until, check_after = self._schedule(entry, decision)
+            if now < valid_until and now < check_after:
+                # Fresh in the store: written before a restart, or by another daemon.
+                return entry, decision, unsaved is None
+            if cached is None and entry.last_error and now < entry.backoff_until:
+                # §3.3: a failed attempt is not repeated within the retry interval, also when
+                # the policy it failed to refresh has expired meanwhile.
+                return entry, decision, unsaved is None
         started = time.monotonic()
         self.network_lookups += 1
         new_entry, decision, outcome = self._revalidate(domain, entry, cached, now)
         new_entry = replace(new_entry, last_used=max(new_entry.last_used, now))
         elapsed = (time.monotonic() - started) * 1000
         log.info("%s: %s (%.0f ms)", domain, outcome, elapsed)
-        self._save(new_entry)
-        return new_entry, _unexpired(decision, self._clock())
+        saved = self._save(new_entry)
+        return new_entry, _unexpired(decision, self._clock()), saved
 
     def _revalidate(
         self, domain: str, entry: Entry | None, cached: Policy | None, now: float
@@ -305,8 +322,9 @@ class PolicyDB:
                     cached.mode,
                     _when(base.expires_at),
                 )
-                return new, self._decision(new, cached), f"DNS failed, kept cached policy: {exc}"
-            return new, self._decision(new, None), f"DNS failed: {exc.cause}"
+                outcome = f"DNS failed, kept cached policy: {exc}"
+                return new, self._decision(domain, new, cached), outcome
+            return new, self._decision(domain, new, None), f"DNS failed: {exc.cause}"
         except mtasts.MTASTSError as exc:
             if cached is not None:
                 # §3.3: no live record, but an unexpired cached policy: it MUST still be applied.
@@ -318,7 +336,8 @@ class PolicyDB:
                     _when(base.expires_at),
                 )
                 new = replace(base, checked_at=now, last_error=str(exc))
-                return new, self._decision(new, cached), f"record gone, kept cached policy: {exc}"
+                outcome = f"record gone, kept cached policy: {exc}"
+                return new, self._decision(domain, new, cached), outcome
             new = replace(
                 base,
                 record_id=None,
@@ -326,7 +345,7 @@ class PolicyDB:
                 last_error=str(exc),
                 backoff_until=now + s.no_record_ttl,
             )
-            return new, self._decision(new, None), f"no policy: {exc.cause}"
+            return new, self._decision(domain, new, None), f"no policy: {exc.cause}"
 
         due = (
             cached is None
@@ -335,7 +354,7 @@ class PolicyDB:
         )
         if not due:
             new = replace(base, checked_at=now, last_error="", backoff_until=0.0)
-            return new, self._decision(new, cached), f"record id {record.id} unchanged"
+            return new, self._decision(domain, new, cached), f"record id {record.id} unchanged"
 
         try:
             policy, text = mtasts.fetch_policy(domain, self.fetcher)
@@ -350,7 +369,7 @@ class PolicyDB:
             if cached is None:
                 new = replace(new, record_id=record.id)
                 failure = mtasts.tls_report_failure_reason(exc)
-                return new, self._decision(new, None, failure), f"{exc.what}: {exc.cause}"
+                return new, self._decision(domain, new, None, failure), f"{exc.what}: {exc.cause}"
             log.warning(
                 "%s: policy refresh failed (%s); keeping the cached %s policy until %s",
                 domain,
@@ -358,7 +377,8 @@ class PolicyDB:
                 cached.mode,
                 _when(base.expires_at),
             )
-            return new, self._decision(new, cached), f"refresh failed, kept cached: {exc.cause}"
+            outcome = f"refresh failed, kept cached: {exc.cause}"
+            return new, self._decision(domain, new, cached), outcome
 
         new = replace(
             base,
@@ -373,11 +393,14 @@ class PolicyDB:
         if policy.mode is Mode.NONE and cached is not None and cached.mode is not Mode.NONE:
             # §8.3: a published "none" policy is how a domain withdraws MTA-STS.
             log.info("%s: the domain withdrew its %s policy (mode: none)", domain, cached.mode)
-        return new, self._decision(new, policy), f"{policy.mode} policy, id {record.id}"
+        return new, self._decision(domain, new, policy), f"{policy.mode} policy, id {record.id}"
 
-    def _decision(self, entry: Entry, policy: Policy | None, failure: str = "") -> Decision:
+    def _decision(
+        self, domain: str, entry: Entry, policy: Policy | None, failure: str = ""
+    ) -> Decision:
+        # ``domain`` rather than entry.domain: the slots' key, one string for both.
         return Decision(
-            domain=entry.domain,
+            domain=domain,
             policy=policy,
             policy_text=entry.policy_text if policy is not None else None,
             record_id=entry.record_id,
@@ -405,11 +428,13 @@ class PolicyDB:
             log.error("%s: cannot read the cache (%s); looking it up instead", domain, exc)
             return None
 
-    def _save(self, entry: Entry) -> None:
+    def _save(self, entry: Entry) -> bool:
         try:
             self.store.put(entry)
         except StoreError as exc:
             log.error("%s: cannot write the cache (%s); keeping it in memory", entry.domain, exc)
+            return False
+        return True
 
     # ---------------------------------------------------------------------------------------------
     # Maintenance: last-used times, proactive refresh, removal of unused entries.
@@ -436,7 +461,7 @@ class PolicyDB:
         for domain, when in used.items():
             slot = self._slots.get(domain)
             if slot is not None:
-                slot.entry = replace(slot.entry, last_used=when)
+                slot.last_used = when
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._pool, self.store.touch, used)
@@ -460,7 +485,7 @@ class PolicyDB:
         horizon = now - self.settings.unused_after
         loop = asyncio.get_running_loop()
         for domain, slot in list(self._slots.items()):
-            if slot.entry.last_used < horizon and self._used.get(domain, 0.0) < horizon:
+            if slot.last_used < horizon and self._used.get(domain, 0.0) < horizon:
                 if slot.pending is None:
                     del self._slots[domain]
             elif (

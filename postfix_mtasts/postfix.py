@@ -57,7 +57,8 @@ def policy_domain(key: str) -> str | None:
     if key.isascii():
         plain = key.lower()
         if len(plain) <= 253 and _PLAIN_DOMAIN.fullmatch(plain) is not None:
-            return plain
+            # The key itself when it is already in lowercase: the caches keep one string for it.
+            return key if plain == key else plain
     return _general_policy_domain(key)
 
 

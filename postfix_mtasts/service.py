@@ -54,10 +54,12 @@ class Responder:
         self._settings = settings
         self.db = db
         self.dane = dane_cache
-        # The hot path's memo: per (map name, key as Postfix sent it), the policy domain, the
-        # MTA-STS decision the reply was built from and the reply. A new decision is a new
-        # object, so an identity check against the cache's current one keeps the memo true.
-        self._replies: dict[tuple[str, str], tuple[str, Decision, str]] = {}
+        # The hot path's memo: per map name, per key as Postfix sent it, the MTA-STS decision
+        # the reply was built from and the reply; the decision names the policy domain. A new
+        # decision is a new object, so an identity check against the cache's current one keeps
+        # the memo true. A dict per map name rather than (name, key) tuples: no tuple to build
+        # and hash per request, and none to keep per cached domain.
+        self._replies: dict[str, dict[str, tuple[Decision, str]]] = {}
 
     @property
     def settings(self) -> config.Config:
@@ -70,12 +72,13 @@ class Responder:
 
     def lookup(self, name: str, key: str) -> str | asyncio.Future[str]:
         if self.dane is None:
-            memo = self._replies.get((name, key))
+            replies = self._replies.get(name)
+            memo = replies.get(key) if replies is not None else None
             if memo is not None:
-                decision = self.db.lookup(memo[0])
-                if decision is memo[1]:
-                    return memo[2]
-                return self._mtasts_reply(name, key, memo[0], decision)
+                decision = self.db.lookup(memo[0].domain)
+                if decision is memo[0]:
+                    return memo[1]
+                return self._mtasts_reply(name, key, memo[0].domain, decision)
         domain = postfix.policy_domain(key)
         if domain is None:
             return postfix.NOTFOUND
@@ -98,14 +101,22 @@ class Responder:
         if decision is None:
             decision = self.db.lookup(domain)
         if not isinstance(decision, Decision):
-            return asyncio.ensure_future(self._later(decision, self._settings.profile(name)))
+            return asyncio.ensure_future(self._later(decision, name, key))
+        return self._remember(name, key, decision)
+
+    def _remember(self, name: str, key: str, decision: Decision) -> str:
+        """The reply for ``decision``, kept in the memo for (``name``, ``key``)."""
         reply = _reply(decision, self._settings.profile(name))
-        if (name, key) not in self._replies and len(self._replies) >= max(
-            MEMO_SIZE, 2 * self.db.size
-        ):
-            # More entries than the cache has domains (per map name): drop the stale ones.
-            self._replies.clear()
-        self._replies[name, key] = (domain, decision, reply)
+        if self.dane is not None:
+            # With DANE the memo is not consulted: a DANE verdict may take precedence.
+            return reply
+        replies = self._replies.get(name)
+        if replies is None:
+            replies = self._replies[name] = {}
+        elif key not in replies and len(replies) >= max(MEMO_SIZE, 2 * self.db.size):
+            # More entries than the cache has domains: drop the stale ones.
+            replies.clear()
+        replies[key] = (decision, reply)
         return reply
 
     async def _after_dane(self, pending: asyncio.Future[DaneResult], name: str, domain: str) -> str:
@@ -118,9 +129,8 @@ class Responder:
             return mtasts_reply
         return await mtasts_reply
 
-    @staticmethod
-    async def _later(pending: asyncio.Future[Decision], profile: config.Profile) -> str:
-        return _reply(await pending, profile)
+    async def _later(self, pending: asyncio.Future[Decision], name: str, key: str) -> str:
+        return self._remember(name, key, await pending)
 
 
 def _reply(decision: Decision, profile: config.Profile) -> str:

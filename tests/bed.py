@@ -791,6 +791,7 @@ def unbound_config(
     *,
     interface: str = "127.0.0.1",
     stub_zones_only: bool = False,
+    log_queries: bool = False,
 ) -> str:
     """unbound as a recursive resolver on loopback; stubs maps zone -> "addr@port" of knot.
 
@@ -798,6 +799,7 @@ def unbound_config(
     answers under an anchor are secure (AD bit) or bogus (SERVFAIL), others insecure; the zones in
     ``insecure`` are declared unsigned. With ``stub_zones_only`` every other name is NXDOMAIN, so
     a client of this resolver can reach nothing else by name (the delivery test's Postfix).
+    ``log_queries`` logs every query the resolver receives (the benchmarks count them).
     """
     modules = "validator iterator" if trust_anchors else "iterator"
     anchors = "".join(f'    trust-anchor: "{anchor}"\n' for anchor in trust_anchors)
@@ -849,6 +851,7 @@ server:
     infra-keep-probing: yes
     # A nameserver that does not answer (the stopped down.dane.test) is given up on quickly.
     infra-cache-max-rtt: {MAX_RTT_MS}
+    log-queries: {"yes" if log_queries else "no"}
 {local_zones}
 {stub_zones}
 remote-control:
@@ -934,8 +937,13 @@ class _TLSHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], https: HTTPSServer) -> None:
+    def __init__(
+        self, address: tuple[str, int], https: HTTPSServer, backlog: int | None = None
+    ) -> None:
         self.https = https
+        if backlog is not None:
+            # socketserver reads it in server_activate(), called by the constructor.
+            self.request_queue_size = backlog
         super().__init__(address, _PolicyHandler)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -965,7 +973,15 @@ class _TLSHTTPServer(ThreadingHTTPServer):
 class HTTPSServer:
     """Policy hosts on https://<address>:443 with per-host behaviour; thread-safe."""
 
-    def __init__(self, ca: trustme.CA, address: str, port: int, log_path: Path) -> None:
+    def __init__(
+        self,
+        ca: trustme.CA,
+        address: str,
+        port: int,
+        log_path: Path,
+        *,
+        backlog: int | None = None,
+    ) -> None:
         self._ca = ca
         self._untrusted_ca = trustme.CA(organization_name="not the test CA")
         self._lock = threading.Lock()
@@ -977,7 +993,7 @@ class HTTPSServer:
         self.stopping = threading.Event()
         self.context = self._make_context(ca.issue_cert("localhost", address))
         self.context.sni_callback = self._on_sni
-        self._server = _TLSHTTPServer((address, port), self)
+        self._server = _TLSHTTPServer((address, port), self, backlog)
         self.address: str = self._server.server_address[0]  # type: ignore[assignment]
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(
@@ -1089,7 +1105,12 @@ _UNKNOWN_HOST = Response(body=b"no such policy host in the test bed\n", status=4
 
 
 def _bind_https(
-    ca: trustme.CA, port: int, log_path: Path, address: str | None = None
+    ca: trustme.CA,
+    port: int,
+    log_path: Path,
+    address: str | None = None,
+    *,
+    backlog: int | None = None,
 ) -> HTTPSServer:
     """Bind port 443 on a random 127.x address, so several test runs on one machine coexist."""
     if address:
@@ -1103,7 +1124,7 @@ def _bind_https(
     last: OSError | None = None
     for candidate in candidates:
         try:
-            return HTTPSServer(ca, candidate, port, log_path)
+            return HTTPSServer(ca, candidate, port, log_path, backlog=backlog)
         except PermissionError as exc:
             raise BedError(
                 f"cannot bind the HTTPS server to {candidate}:{port} ({exc}): the policy fetch "
@@ -1179,16 +1200,26 @@ class Bed:
         self._update_ports: dict[str, int] = {}
 
     @classmethod
-    def start(cls, workdir: Path, *, https_port: int = 443) -> Bed:
+    def start(
+        cls,
+        workdir: Path,
+        *,
+        https_port: int = 443,
+        log_queries: bool = False,
+        https_backlog: int | None = None,
+    ) -> Bed:
+        """Start every server. ``log_queries``: the plain unbound logs each query it receives;
+        ``https_backlog``: the HTTPS server's listen backlog (the benchmarks open hundreds of
+        connections at once)."""
         bed = cls(workdir)
         try:
-            bed._start(https_port)
+            bed._start(https_port, log_queries, https_backlog)
         except BaseException:
             bed.stop()
             raise
         return bed
 
-    def _start(self, https_port: int) -> None:
+    def _start(self, https_port: int, log_queries: bool, https_backlog: int | None) -> None:
         _require(KNOTD, "knot")
         _require(KEYMGR, "knot")
         _require(UNBOUND, "unbound")
@@ -1202,7 +1233,9 @@ class Bed:
         )
         self.dane_cert = self.ca.issue_cert(*dane_hosts)
 
-        self.https = _bind_https(self.ca, https_port, self.workdir / "https.log")
+        self.https = _bind_https(
+            self.ca, https_port, self.workdir / "https.log", backlog=https_backlog
+        )
         self._closers.append(self.https.close)
         self.https_address = self.https.address
         self.https_port = self.https.port
@@ -1219,7 +1252,7 @@ class Bed:
             HTTPS: self.https_address,
         }
         down_knot = self._start_knots()
-        self._start_unbounds()
+        self._start_unbounds(log_queries)
         self._stop_down_zone(down_knot)
 
         for label, scenario in SCENARIOS.items():
@@ -1289,7 +1322,7 @@ class Bed:
         }
         return down
 
-    def _start_unbounds(self) -> None:
+    def _start_unbounds(self, log_queries: bool) -> None:
         """The plain resolver and the validating one, started together."""
         stubs = {
             ZONE: f"127.0.0.1@{self.knot_port}",
@@ -1304,7 +1337,7 @@ class Bed:
             (
                 plain_dir,
                 self.unbound_port,
-                unbound_config(plain_dir, self.unbound_port, stubs),
+                unbound_config(plain_dir, self.unbound_port, stubs, log_queries=log_queries),
                 "unbound",
             ),
             (

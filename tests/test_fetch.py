@@ -128,6 +128,20 @@ def test_one_fetcher_serves_many_threads(fetcher: Fetcher) -> None:
         assert f"mode: {label}\n".encode() in body
 
 
+def test_hosts_on_one_address_never_share_a_connection(bed: Bed, fetcher: Fetcher) -> None:
+    # One adapter serves every fetch; its pools are per host name, so each fetch sends its own
+    # host's SNI and verifies its own host's certificate, also right after another host's fetch.
+    first = new_policy_host(bed, "shared-a", body=b"version: STSv1\n")
+    second = new_policy_host(bed, "shared-b", body=b"version: STSv1\n")
+    for host in (first, second, first):
+        assert fetcher.get(host) == b"version: STSv1\n"
+    assert [r.sni for r in bed.https.requests(first)] == [first, first]
+    assert [r.sni for r in bed.https.requests(second)] == [second]
+    with pytest.raises(CertificateError, match="Hostname mismatch"):
+        fetcher.get(policy_host("wrongname"))
+    assert fetcher.get(first) == b"version: STSv1\n"
+
+
 # --------------------------------------------------------------------------------------------------
 # HTTP answers that are not a policy.
 

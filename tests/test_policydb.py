@@ -853,6 +853,67 @@ def test_policydb_answers_when_the_store_fails(
     run(db, scenario)
 
 
+def test_revalidation_takes_an_entry_another_daemon_refreshed(
+    bed: Bed, make_db: MakeDB, clock: FakeClock
+) -> None:
+    # Two daemons sharing one store: what one fetched, the other answers with, without a lookup.
+    site = publish(bed, "shared")
+    store = open_store("memory", "")
+    first, second = make_db(store), make_db(store)
+
+    async def scenario() -> None:
+        await answered_later(first, site.domain)
+        await answered_later(second, site.domain)
+        assert second.network_lookups == 0
+        site.set_record("2")
+        site.serve(mx=("mx2.example.org",))
+        clock.advance(TXT_CHECK + 1)
+        answered_at_once(first, site.domain)
+        await settle(first)
+        assert [str(mx) for mx in answered_at_once(first, site.domain).policy.mx] == [
+            "mx2.example.org"
+        ]
+        # The second daemon's revalidation finds the first one's fresh entry in the store.
+        answered_at_once(second, site.domain)
+        await settle(second)
+        decision = answered_at_once(second, site.domain)
+        assert decision.record_id == "2"
+        assert reply(decision) == "OK secure match=mx2.example.org servername=hostname"
+        assert second.network_lookups == 0
+        assert site.gets == 2
+        await settle(first)
+        await first.close()
+
+    run(second, scenario)
+
+
+def test_entry_gone_from_the_store_keeps_the_cached_policy(
+    bed: Bed, make_db: MakeDB, clock: FakeClock
+) -> None:
+    # The store lost the entry (purged by another daemon, file replaced) and DNS fails: the policy
+    # held in memory is still applied until it expires (§5).
+    site = publish(bed, "storelost")
+    db = make_db()
+
+    async def scenario() -> None:
+        first = await answered_later(db, site.domain)
+        db.store.delete(site.domain)
+        db.resolver = Resolver([bed.dead_nameserver], timeout=0.3)
+        clock.advance(TXT_CHECK + 1)
+        answered_at_once(db, site.domain)
+        await settle(db)
+        decision = answered_at_once(db, site.domain)
+        assert decision.policy == first.policy
+        assert decision.expires_at == first.expires_at
+        assert decision.error
+        # The entry is back in the store, with the policy it kept.
+        assert stored(db, site.domain).policy_text == first.policy_text
+        clock.now = START + 86400 + 1
+        assert (await ask(db, site.domain)).policy is None
+
+    run(db, scenario)
+
+
 # --------------------------------------------------------------------------------------------------
 # Maintenance: proactive refresh and removal of unused entries.
 
