@@ -49,6 +49,7 @@ __all__ = [
     "InetListener",
     "Listener",
     "ListenerError",
+    "Reply",
     "Responder",
     "Server",
     "SystemdListener",
@@ -72,15 +73,21 @@ _ACCEPT_RETRY_DELAY = 1.0
 _ENCODED_REPLIES = 4096
 
 
-class Responder(Protocol):
-    """What the server asks: the reply payload for one request.
+# A reply payload (``"OK secure match=..."``, ``"NOTFOUND "``), which the server checks and frames,
+# or a reply the responder already framed with `encode_reply` (bytes), which is sent as it is: a
+# responder that keeps many replies keeps them framed, rather than have each framed per request.
+Reply = str | bytes
 
-    `lookup` returns either the full reply payload (``"OK secure match=..."``, ``"NOTFOUND "``)
-    at once, or an `asyncio.Future` of it, resolved later on the same loop. The server never
-    cancels that future, so it may be shared between several askers.
+
+class Responder(Protocol):
+    """What the server asks: the reply for one request.
+
+    `lookup` returns either the reply (a `Reply`) at once, or an `asyncio.Future` of it, resolved
+    later on the same loop. The server never cancels that future, so it may be shared between
+    several askers.
     """
 
-    def lookup(self, name: str, key: str) -> str | asyncio.Future[str]: ...
+    def lookup(self, name: str, key: str) -> Reply | asyncio.Future[Reply]: ...
 
 
 class ListenerError(Exception):
@@ -422,7 +429,7 @@ class _Pending:
     __slots__ = ("connection", "future", "key", "name", "reply", "timer")
 
     def __init__(
-        self, connection: _Connection, name: str, key: str, future: asyncio.Future[str]
+        self, connection: _Connection, name: str, key: str, future: asyncio.Future[Reply]
     ) -> None:
         self.connection = connection
         self.name = name
@@ -431,7 +438,7 @@ class _Pending:
         self.reply: bytes | None = None
         self.timer: asyncio.TimerHandle | None = None
 
-    def done(self, future: asyncio.Future[str]) -> None:
+    def done(self, future: asyncio.Future[Reply]) -> None:
         self.connection._lookup_done(self, future)
 
     def timed_out(self) -> None:
@@ -522,7 +529,9 @@ class _Connection(asyncio.Protocol):
                 log.exception("%s: lookup failed (map %s); answered TEMP", _key(key), name)
                 self._send(temp("lookup failed"))
                 continue
-            if isinstance(result, str):
+            if isinstance(result, bytes):
+                self._send(result)
+            elif isinstance(result, str):
                 self._send(self._encode(name, key, result))
             else:
                 self._defer(name, key, result)
@@ -585,7 +594,7 @@ class _Connection(asyncio.Protocol):
             assert self._transport is not None
             self._transport.write(data)
 
-    def _defer(self, name: str, key: str, future: asyncio.Future[str]) -> None:
+    def _defer(self, name: str, key: str, future: asyncio.Future[Reply]) -> None:
         if not asyncio.isfuture(future):
             self._server.lookup_errors += 1
             log.error(
@@ -603,7 +612,7 @@ class _Connection(asyncio.Protocol):
         pending.timer = self._loop.call_later(self._server.request_timeout, pending.timed_out)
         future.add_done_callback(pending.done)
 
-    def _lookup_done(self, pending: _Pending, future: asyncio.Future[str]) -> None:
+    def _lookup_done(self, pending: _Pending, future: asyncio.Future[Reply]) -> None:
         if self._closed or pending.reply is not None:
             return
         if pending.timer is not None:
@@ -628,7 +637,9 @@ class _Connection(asyncio.Protocol):
             reply = temp(f"lookup failed: {exc}")
         else:
             result = future.result()
-            if isinstance(result, str):
+            if isinstance(result, bytes):
+                reply = result
+            elif isinstance(result, str):
                 reply = self._encode(pending.name, pending.key, result)
             else:
                 server.lookup_errors += 1

@@ -24,9 +24,10 @@ from typing import Any
 from postfix_mtasts import __version__, config, postfix
 from postfix_mtasts.dane import DaneResult
 from postfix_mtasts.fetch import Fetcher
+from postfix_mtasts.netstring import ReplyError, encode_reply
 from postfix_mtasts.policydb import CacheSettings, DaneCache, Decision, PolicyDB
 from postfix_mtasts.resolver import Resolver
-from postfix_mtasts.server import Listener, ListenerError, Server, parse_listener
+from postfix_mtasts.server import Listener, ListenerError, Reply, Server, parse_listener
 from postfix_mtasts.store import CorruptStoreError, Store, StoreError, open_store
 from postfix_mtasts.store.sqlite import move_aside
 
@@ -58,8 +59,9 @@ class Responder:
         # the reply was built from and the reply; the decision names the policy domain. A new
         # decision is a new object, so an identity check against the cache's current one keeps
         # the memo true. A dict per map name rather than (name, key) tuples: no tuple to build
-        # and hash per request, and none to keep per cached domain.
-        self._replies: dict[str, dict[str, tuple[Decision, str]]] = {}
+        # and hash per request, and none to keep per cached domain. Replies are kept framed
+        # (server.Reply), so a memo hit costs no framing either.
+        self._replies: dict[str, dict[str, tuple[Decision, bytes]]] = {}
 
     @property
     def settings(self) -> config.Config:
@@ -70,7 +72,7 @@ class Responder:
         self._settings = settings
         self._replies.clear()
 
-    def lookup(self, name: str, key: str) -> str | asyncio.Future[str]:
+    def lookup(self, name: str, key: str) -> Reply | asyncio.Future[Reply]:
         if self.dane is None:
             replies = self._replies.get(name)
             memo = replies.get(key) if replies is not None else None
@@ -97,18 +99,23 @@ class Responder:
         key: str,
         domain: str,
         decision: Decision | asyncio.Future[Decision] | None = None,
-    ) -> str | asyncio.Future[str]:
+    ) -> Reply | asyncio.Future[Reply]:
         if decision is None:
             decision = self.db.lookup(domain)
         if not isinstance(decision, Decision):
             return asyncio.ensure_future(self._later(decision, name, key))
         return self._remember(name, key, decision)
 
-    def _remember(self, name: str, key: str, decision: Decision) -> str:
-        """The reply for ``decision``, kept in the memo for (``name``, ``key``)."""
+    def _remember(self, name: str, key: str, decision: Decision) -> Reply:
+        """The reply for ``decision``, kept framed in the memo for (``name``, ``key``)."""
         reply = _reply(decision, self._settings.profile(name))
         if self.dane is not None:
             # With DANE the memo is not consulted: a DANE verdict may take precedence.
+            return reply
+        try:
+            frame = encode_reply(reply)
+        except ReplyError:
+            # Not kept; the server refuses it again, and logs it with the key.
             return reply
         replies = self._replies.get(name)
         if replies is None:
@@ -116,20 +123,22 @@ class Responder:
         elif key not in replies and len(replies) >= max(MEMO_SIZE, 2 * self.db.size):
             # More entries than the cache has domains: drop the stale ones.
             replies.clear()
-        replies[key] = (decision, reply)
-        return reply
+        replies[key] = (decision, frame)
+        return frame
 
-    async def _after_dane(self, pending: asyncio.Future[DaneResult], name: str, domain: str) -> str:
+    async def _after_dane(
+        self, pending: asyncio.Future[DaneResult], name: str, domain: str
+    ) -> Reply:
         # Start the MTA-STS lookup too, so that a domain without DANE waits for one round only.
         mtasts_reply = self._mtasts_reply(name, domain, domain)
         reply = postfix.dane_reply(await pending)
         if reply is not None:
             return reply
-        if isinstance(mtasts_reply, str):
+        if isinstance(mtasts_reply, str | bytes):
             return mtasts_reply
         return await mtasts_reply
 
-    async def _later(self, pending: asyncio.Future[Decision], name: str, key: str) -> str:
+    async def _later(self, pending: asyncio.Future[Decision], name: str, key: str) -> Reply:
         return self._remember(name, key, await pending)
 
 

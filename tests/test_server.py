@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from postfix_mtasts.netstring import MAX_REPLY, Decoder, encode
+from postfix_mtasts.netstring import MAX_REPLY, Decoder, encode, encode_reply
 from postfix_mtasts.server import (
     InetListener,
     Listener,
@@ -58,17 +58,18 @@ class FakeResponder:
 
     ``slow...``: a future the test resolves (``resolve``); ``fail``: a future that raises;
     ``raise``: raises at once; ``huge``/``empty``: an OK that must not be sent; ``nf``:
-    ``NOTFOUND``; anything else: ``OK secure match=<key>`` at once (the cached fast path).
+    ``NOTFOUND``; ``framed``: ``OK framed`` already framed (bytes); anything else:
+    ``OK secure match=<key>`` at once (the cached fast path).
     """
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
-        self.futures: dict[str, asyncio.Future[str]] = {}
+        self.futures: dict[str, asyncio.Future[str | bytes]] = {}
 
-    def lookup(self, name: str, key: str) -> str | asyncio.Future[str]:
+    def lookup(self, name: str, key: str) -> str | bytes | asyncio.Future[str | bytes]:
         self.calls.append((name, key))
         if key.startswith("slow"):
-            future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[str | bytes] = asyncio.get_running_loop().create_future()
             self.futures[key] = future
             return future
         if key == "fail":
@@ -83,9 +84,11 @@ class FakeResponder:
             return "OK "
         if key == "nf":
             return "NOTFOUND "
+        if key == "framed":
+            return encode_reply("OK framed")
         return f"OK secure match={key}"
 
-    def resolve(self, key: str, reply: str | None = None) -> None:
+    def resolve(self, key: str, reply: str | bytes | None = None) -> None:
         self.futures[key].set_result(reply if reply is not None else f"OK later {key}")
 
     async def wait_for_call(self, key: str) -> None:
@@ -216,6 +219,20 @@ async def test_deferred_reply_is_written_when_its_future_resolves() -> None:
         responder.resolve("slow1", "OK secure match=mx.example.net")
         assert await client.reply() == "OK secure match=mx.example.net"
         assert server.deferred == 1
+        client.close()
+
+
+@aio
+async def test_reply_framed_by_the_responder_is_sent_as_it_is() -> None:
+    responder = FakeResponder()
+    async with serving(responder) as server:
+        client = await Client.inet(server)
+        assert await client.ask("framed") == "OK framed"
+        await client.send("slow1")
+        await responder.wait_for_call("slow1")
+        responder.resolve("slow1", encode_reply("OK secure match=mx.example.net"))
+        assert await client.reply() == "OK secure match=mx.example.net"
+        assert server.lookup_errors == 0
         client.close()
 
 
