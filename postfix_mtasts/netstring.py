@@ -143,7 +143,17 @@ class Decoder:
             self._buffer += data
             buf = self._buffer
         else:
-            # The common case, one whole request per read: parse it without copying.
+            # The common case, one whole request per read: "<digits>:<payload>," exactly.
+            colon = data.find(_COLON, 0, self._max_digits + 1)
+            if colon > 0 and data[-1] == _COMMA:
+                digits = data[:colon]
+                if (
+                    digits.isdigit()
+                    and (colon == 1 or data[0] != _ZERO)
+                    and int(digits) == len(data) - colon - 2
+                    and int(digits) <= self.max_length
+                ):
+                    return [data[colon + 1 : -1]]
             buf = data
         frames: list[bytes] = []
         pos = 0
@@ -216,7 +226,8 @@ def parse_request(payload: bytes) -> tuple[str, str]:
         raise RequestError("request has an empty map name")
     if not key:
         raise RequestError("request has an empty key")
-    if _CONTROL.search(text) is not None:
+    # For ASCII, isprintable() is exactly "no control character", and cheaper than the search.
+    if not (text.isascii() and text.isprintable()) and _CONTROL.search(text) is not None:
         raise RequestError("request contains a control character")
     return name, key
 

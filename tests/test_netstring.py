@@ -80,6 +80,7 @@ INVALID_STREAMS = [
     (b"0:x", MissingComma),
     (b"1:a,x", MalformedLength),
     (b"%d:" % (MAX_QUERY + 1), FrameTooLarge),
+    (b"%d:%s," % (MAX_QUERY + 1, b"x" * (MAX_QUERY + 1)), FrameTooLarge),  # whole, in one read
     (b"99999999999999999999:", FrameTooLarge),
     (b"9" * 100, FrameTooLarge),
     (b"1" * 6, FrameTooLarge),
