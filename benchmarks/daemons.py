@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,34 +238,14 @@ def start_ours(
     directory.mkdir(parents=True, exist_ok=True)
     if cache == "sqlite" and cache_path is None:
         cache_path = directory / "cache.sqlite"
-    for _attempt in range(3):
-        port = free_port()
+    env = clean_env()
+
+    def argv(port: int) -> list[str]:
         config = directory / "config.toml"
         config.write_text(ours_config(bed, port, cache, cache_path))
-        log_path = directory / "daemon.log"
-        env = clean_env()
-        with open(log_path, "ab") as log:
-            started = time.monotonic()
-            process = subprocess.Popen(
-                [str(OURS_BIN), "serve", "-c", str(config)],
-                cwd=directory,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        daemon = Daemon("ours", cache, port, process, log_path, cache_path, started)
-        if not wait:
-            return daemon
-        try:
-            _wait_ready(daemon)
-        except DaemonError:
-            if "in use" in daemon.log():
-                continue
-            raise
-        return daemon
-    raise DaemonError("ours: no free port")
+        return [str(OURS_BIN), "serve", "-c", str(config)]
+
+    return _launch("ours", cache, cache_path, directory, env, argv, wait)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,14 +322,13 @@ def start_peer(
     resolv.write_text("".join(f"nameserver {ns}\n" for ns in bed.resolver_nameservers))
     env = clean_env()
     env["SSL_CERT_FILE"] = bed.ca_file
-    for _attempt in range(3):
-        port = free_port()
+
+    def argv(port: int) -> list[str]:
         config = directory / "config.yml"
         config.write_text(peer_config(port, cache, cache_path))
-        log_path = directory / "daemon.log"
         # unshare -m: a private mount namespace (propagation private), so the bind mount is seen
         # by the peer alone; sh and the peer exec in turn and keep the pid.
-        argv = [
+        return [
             "unshare",
             "-m",
             "sh",
@@ -361,10 +341,29 @@ def start_peer(
             "-c",
             str(config),
         ]
+
+    return _launch("peer", cache, cache_path, directory, env, argv, wait)
+
+
+def _launch(
+    kind: str,
+    cache: str,
+    cache_path: Path | None,
+    directory: Path,
+    env: dict[str, str],
+    argv: Callable[[int], list[str]],
+    wait: bool,
+) -> Daemon:
+    """Start ``argv(port)`` on a free port, logging to daemon.log; once ready unless ``wait`` is
+    False. A port taken between free_port() and the bind costs another try."""
+    log_path = directory / "daemon.log"
+    for _attempt in range(3):
+        port = free_port()
+        command = argv(port)
         with open(log_path, "ab") as log:
             started = time.monotonic()
             process = subprocess.Popen(
-                argv,
+                command,
                 cwd=directory,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -372,7 +371,7 @@ def start_peer(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        daemon = Daemon("peer", cache, port, process, log_path, cache_path, started)
+        daemon = Daemon(kind, cache, port, process, log_path, cache_path, started)
         if not wait:
             return daemon
         try:
@@ -382,7 +381,7 @@ def start_peer(
                 continue
             raise
         return daemon
-    raise DaemonError("peer: no free port")
+    raise DaemonError(f"{kind}: no free port")
 
 
 def start(

@@ -180,36 +180,33 @@ def _query(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_TEMPORARY
 
-    from postfix_mtasts import dane, mtasts, postfix
-    from postfix_mtasts.fetch import Fetcher
-    from postfix_mtasts.resolver import Resolver
+    from dataclasses import replace
 
-    dns = settings.dns
-    https = settings.https
-    try:
-        resolver = Resolver(
-            args.nameserver or dns.nameservers or None,
-            timeout=args.dns_timeout if args.dns_timeout is not None else dns.timeout,
-            lifetime=args.dns_timeout * 2 if args.dns_timeout is not None else dns.lifetime,
+    from postfix_mtasts import dane, mtasts, postfix, service
+
+    # The command line's options over the configuration's, then the daemon's own wiring.
+    dns, https = settings.dns, settings.https
+    if args.nameserver:
+        dns = replace(dns, nameservers=tuple(args.nameserver))
+    if args.dns_timeout is not None:
+        dns = replace(dns, timeout=args.dns_timeout, lifetime=args.dns_timeout * 2)
+    if args.ca_file:
+        https = replace(https, ca_file=args.ca_file)
+    if args.https_timeout is not None:
+        https = replace(
+            https,
+            timeout=args.https_timeout,
+            connect_timeout=min(https.connect_timeout, args.https_timeout),
         )
+    if args.allow_private_addresses is not None:
+        https = replace(https, allow_private_addresses=args.allow_private_addresses)
+    settings = replace(settings, dns=dns, https=https)
+    try:
+        resolver = service.make_resolver(settings)
+        fetcher = service.make_fetcher(settings, resolver)
     except ValueError as exc:
         print(f"postfix-mtasts query: {exc}", file=sys.stderr)
         return EXIT_TEMPORARY
-    fetcher = Fetcher(
-        resolver,
-        ca_file=args.ca_file or https.ca_file or None,
-        timeout=args.https_timeout if args.https_timeout is not None else https.timeout,
-        connect_timeout=min(
-            https.connect_timeout,
-            args.https_timeout if args.https_timeout is not None else https.timeout,
-        ),
-        allow_private_addresses=(
-            args.allow_private_addresses
-            if args.allow_private_addresses is not None
-            else https.allow_private_addresses
-        ),
-        proxies={"https": https.proxy} if https.proxy else None,
-    )
     profile = settings.profile(args.map)
     use_dane = settings.dane.enabled if args.dane is None else args.dane
     worst = EXIT_POLICY
@@ -217,7 +214,7 @@ def _query(args: argparse.Namespace) -> int:
         domain = postfix.policy_domain(key)
         if domain is None:
             # Keys the daemon answers at once without a lookup ([host], .parent, IP addresses).
-            status = _print_key_without_policy(key, args.json)
+            status = _print_key_without_policy(key, postfix.NOTFOUND, args.json)
         else:
             verdict = dane.evaluate(domain, resolver) if use_dane else None
             result = mtasts.get(domain, resolver, fetcher)
@@ -229,14 +226,12 @@ def _query(args: argparse.Namespace) -> int:
     return worst
 
 
-def _print_key_without_policy(key: str, as_json: bool) -> int:
+def _print_key_without_policy(key: str, answer: str, as_json: bool) -> int:
     reason = "no MTA-STS policy applies to this key (not a policy domain)"
     if as_json:
-        print(
-            json.dumps({"domain": None, "key": key, "error": None, "postfix_answer": "NOTFOUND "})
-        )
+        print(json.dumps({"domain": None, "key": key, "error": None, "postfix_answer": answer}))
     else:
-        print(f"{key}: {reason}\n  postfix answer: NOTFOUND ")
+        print(f"{key}: {reason}\n  postfix answer: {answer}")
     return EXIT_NO_POLICY
 
 

@@ -143,16 +143,15 @@ class Decoder:
             self._buffer += data
             buf = self._buffer
         else:
-            # The common case, one whole request per read: "<digits>:<payload>," exactly.
+            # The common case, one whole request per read: "<digits>:<payload>," exactly. Any
+            # other shape, and any error, is left to the loop below (which records errors).
             colon = data.find(_COLON, 0, self._max_digits + 1)
             if colon > 0 and data[-1] == _COMMA:
-                digits = data[:colon]
-                if (
-                    digits.isdigit()
-                    and (colon == 1 or data[0] != _ZERO)
-                    and int(digits) == len(data) - colon - 2
-                    and int(digits) <= self.max_length
-                ):
+                try:
+                    whole = self._length(data[:colon]) == len(data) - colon - 2
+                except FramingError:
+                    whole = False
+                if whole:
                     return [data[colon + 1 : -1]]
             buf = data
         frames: list[bytes] = []

@@ -51,7 +51,7 @@ import subprocess
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -622,31 +622,37 @@ class _Daemon:
         self, port: int, qname: str, rdtype: str, *, need_answer: bool = True
     ) -> None:
         """Query the server until it answers NOERROR (bounded), or fail with its log."""
-        query = dns.message.make_query(qname, rdtype)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise self.failure(f"exited with status {self.process.returncode}")
-            try:
-                answer = dns.query.udp(query, "127.0.0.1", port=port, timeout=0.3)
-            except (OSError, dns.exception.DNSException) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            else:
-                if answer.rcode() == dns.rcode.NOERROR and (answer.answer or not need_answer):
-                    return
-                last = f"rcode {dns.rcode.to_text(answer.rcode())}, {len(answer.answer)} answers"
-            time.sleep(0.05)
-        raise self.failure(
-            f"did not answer {qname} {rdtype} on 127.0.0.1:{port} "
-            f"within {STARTUP_TIMEOUT:.0f}s ({last})"
-        )
+
+        def judge(answer: dns.message.Message) -> str | None:
+            if answer.rcode() == dns.rcode.NOERROR and (answer.answer or not need_answer):
+                return None
+            return f"rcode {dns.rcode.to_text(answer.rcode())}, {len(answer.answer)} answers"
+
+        self._poll(port, dns.message.make_query(qname, rdtype), judge, "")
 
     def wait_until_secure(self, port: int, qname: str, rdtype: str) -> None:
         """A validating resolver: wait until it answers qname with the AD bit (RFC 4035 §3.2.3),
         or fail with its log (a bogus chain is a SERVFAIL, explained there)."""
         query = dns.message.make_query(qname, rdtype, want_dnssec=True)
         query.flags |= dns.flags.AD
+
+        def judge(answer: dns.message.Message) -> str | None:
+            secure = bool(answer.flags & dns.flags.AD)
+            if answer.rcode() == dns.rcode.NOERROR and answer.answer and secure:
+                return None
+            return f"rcode {dns.rcode.to_text(answer.rcode())}, AD bit {secure}"
+
+        self._poll(port, query, judge, " as validated")
+
+    def _poll(
+        self,
+        port: int,
+        query: dns.message.Message,
+        judge: Callable[[dns.message.Message], str | None],
+        how: str,
+    ) -> None:
+        """Send ``query`` until ``judge`` accepts an answer (returns None) or STARTUP_TIMEOUT
+        passes; then fail with the last thing ``judge`` said and the server's log."""
         deadline = time.monotonic() + STARTUP_TIMEOUT
         last = "no answer"
         while time.monotonic() < deadline:
@@ -657,13 +663,15 @@ class _Daemon:
             except (OSError, dns.exception.DNSException) as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:
-                secure = bool(answer.flags & dns.flags.AD)
-                if answer.rcode() == dns.rcode.NOERROR and answer.answer and secure:
+                verdict = judge(answer)
+                if verdict is None:
                     return
-                last = f"rcode {dns.rcode.to_text(answer.rcode())}, AD bit {secure}"
+                last = verdict
             time.sleep(0.05)
+        question = query.question[0]
         raise self.failure(
-            f"did not answer {qname} {rdtype} on 127.0.0.1:{port} as validated "
+            f"did not answer {question.name.to_text(omit_final_dot=True)} "
+            f"{dns.rdatatype.to_text(question.rdtype)} on 127.0.0.1:{port}{how} "
             f"within {STARTUP_TIMEOUT:.0f}s ({last})"
         )
 
