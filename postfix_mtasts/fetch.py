@@ -39,7 +39,7 @@ import urllib3.exceptions
 import urllib3.response
 
 from postfix_mtasts import __version__
-from postfix_mtasts.resolver import DNSNotFound, DNSTemporaryError, Resolver
+from postfix_mtasts.resolver import AddressOutcome, DNSNotFound, DNSTemporaryError, Resolver
 
 __all__ = [
     "MAX_POLICY_SIZE",
@@ -297,9 +297,13 @@ class Fetcher:
             return f"https://{host}{path}"
         return f"https://{host}:{self.port}{path}"
 
-    def get(self, host: str, path: str = POLICY_PATH) -> bytes:
+    def get(self, host: str, path: str = POLICY_PATH, *, ipv4: AddressOutcome = None) -> bytes:
         """Fetch ``https://host/path`` and return the body; raise ``FetchError`` (or its
-        ``HTTPStatusError`` and ``CertificateError`` kinds) when no policy body came."""
+        ``HTTPStatusError`` and ``CertificateError`` kinds) when no policy body came.
+
+        ``ipv4``: the outcome of the host's A query when the caller already made it (the daemon
+        asks on its event loop); otherwise the resolver is asked here.
+        """
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/': {path!r}")
         url = self.url(host, path)
@@ -310,7 +314,7 @@ class Fetcher:
         _deadline.value = deadline
         try:
             # IPv4 first; IPv6 is only looked up when no IPv4 address could be connected to.
-            for family in self._resolver.address_families(host):
+            for family in self._resolver.address_families(host, ipv4):
                 for address in self._allowed(url, family, refused):
                     tried = True
                     if time.monotonic() >= deadline:

@@ -421,11 +421,16 @@ class TXTResolver(Protocol):
 
 
 class PolicyFetcher(Protocol):
-    def get(self, host: str, path: str = ...) -> bytes: ...
+    def get(self, host: str, path: str = ..., *, ipv4: _resolver.AddressOutcome = ...) -> bytes: ...
+
+
+def policy_host(domain: str) -> str:
+    """The host serving the policy of ``domain`` (an A-label), RFC 8461 §3.2."""
+    return f"mta-sts.{domain}"
 
 
 def policy_url(domain: str) -> str:
-    return f"https://mta-sts.{domain}{POLICY_PATH}"
+    return f"https://{policy_host(domain)}{POLICY_PATH}"
 
 
 def lookup_record(domain: str, resolver: TXTResolver) -> tuple[Record, str]:
@@ -438,10 +443,29 @@ def lookup_record(domain: str, resolver: TXTResolver) -> tuple[Record, str]:
     name = f"_mta-sts.{domain}"
     try:
         texts = resolver.txt(name)
-    except _resolver.DNSNotFound as exc:
-        raise NoRecordError(domain, str(exc)) from exc
-    except _resolver.DNSTemporaryError as exc:
-        raise DNSError(domain, str(exc)) from exc
+    except (_resolver.DNSNotFound, _resolver.DNSTemporaryError) as exc:
+        raise _record_lookup_error(domain, exc) from exc
+    return _the_record(domain, name, texts)
+
+
+async def lookup_record_async(domain: str, resolver: _resolver.Resolver) -> tuple[Record, str]:
+    """:func:`lookup_record` on the running asyncio loop (``Resolver.txt_async``)."""
+    domain = to_alabel(domain)
+    name = f"_mta-sts.{domain}"
+    try:
+        texts = await resolver.txt_async(name)
+    except (_resolver.DNSNotFound, _resolver.DNSTemporaryError) as exc:
+        raise _record_lookup_error(domain, exc) from exc
+    return _the_record(domain, name, texts)
+
+
+def _record_lookup_error(domain: str, exc: Exception) -> MTASTSError:
+    if isinstance(exc, _resolver.DNSNotFound):
+        return NoRecordError(domain, str(exc))
+    return DNSError(domain, str(exc))
+
+
+def _the_record(domain: str, name: str, texts: list[str]) -> tuple[Record, str]:
     # RFC 8461 §3.1: records that do not start with "v=STSv1;" are discarded.
     candidates = [text for text in texts if is_sts_record(text)]
     if not candidates:
@@ -453,15 +477,19 @@ def lookup_record(domain: str, resolver: TXTResolver) -> tuple[Record, str]:
     return parse_record(text, domain), text
 
 
-def fetch_policy(domain: str, fetcher: PolicyFetcher) -> tuple[Policy, str]:
+def fetch_policy(
+    domain: str, fetcher: PolicyFetcher, ipv4: _resolver.AddressOutcome = None
+) -> tuple[Policy, str]:
     """Fetch and parse the policy of ``domain`` over HTTPS (RFC 8461 §3.3).
 
-    Returns the policy and its text as served. Raises ``NoPolicyError`` (HTTP 404),
-    ``PolicyFetchError`` or ``PolicySyntaxError``.
+    ``ipv4``: the outcome of the policy host's A query when it was already made. Returns the
+    policy and its text as served. Raises ``NoPolicyError`` (HTTP 404), ``PolicyFetchError`` or
+    ``PolicySyntaxError``.
     """
     domain = to_alabel(domain)
+    host = policy_host(domain)
     try:
-        body = fetcher.get(f"mta-sts.{domain}", POLICY_PATH)
+        body = fetcher.get(host, POLICY_PATH, ipv4=ipv4)
     except _fetch.HTTPStatusError as exc:
         if exc.status == 404:
             raise NoPolicyError(domain, str(exc)) from exc

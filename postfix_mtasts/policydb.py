@@ -15,9 +15,12 @@ for a domain it has never seen, or in the background:
 - a domain without a record is remembered briefly, so it does not cost a TXT query per delivery;
 - concurrent askers for one domain share one lookup: one TXT query, one HTTPS GET.
 
-Everything here runs on the event loop, except the lookups themselves (dnspython and requests
-block), which run in a thread pool; their results come back to the loop. The hot path, a cached
-answer, is a dict look-up and two comparisons.
+Everything here runs on the event loop, except what blocks: reading and writing the store, and
+the HTTPS fetch (requests), which run in a thread pool. A lookup's DNS questions (the TXT record,
+the policy host's IPv4 addresses) are asked from the loop itself: in a thread each would cost a
+dozen hand-offs of the interpreter lock, and under a fan-out of cold lookups those hand-offs, not
+the questions, were most of the cost. The hot path, a cached answer, is a dict look-up and two
+comparisons.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from postfix_mtasts import dane, mtasts
+from postfix_mtasts.fetch import Fetcher
 from postfix_mtasts.mtasts import Mode, Policy
+from postfix_mtasts.resolver import AddressOutcome, DNSNotFound, DNSTemporaryError, Resolver
 from postfix_mtasts.store import Entry, Store, StoreError
 
 __all__ = ["CacheSettings", "DaneCache", "Decision", "PolicyDB"]
@@ -110,8 +115,18 @@ class _Slot:
         self.pending: asyncio.Future[_Result] | None = None
 
 
-# What a lookup in the thread pool returns: the entry, the decision, whether the store holds it.
+# What a lookup returns: the entry, the decision, whether the store holds it.
 _Result = tuple[Entry, Decision, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Where the network part of a lookup starts: the time it started, the entry to update (an
+    expired policy already taken out) and the policy in force, if any."""
+
+    now: float
+    base: Entry
+    cached: Policy | None
 
 
 def _unexpired(decision: Decision, now: float) -> Decision:
@@ -138,8 +153,8 @@ class PolicyDB:
     def __init__(
         self,
         store: Store,
-        resolver: mtasts.TXTResolver,
-        fetcher: mtasts.PolicyFetcher,
+        resolver: Resolver,
+        fetcher: Fetcher,
         settings: CacheSettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
@@ -211,7 +226,7 @@ class PolicyDB:
         loop = asyncio.get_running_loop()
         current = slot.decision if slot is not None else None
         unsaved = slot.unsaved if slot is not None else None
-        job = loop.run_in_executor(self._pool, self._work, domain, current, unsaved)
+        job = loop.create_task(self._refresh(domain, current, unsaved))
         if slot is None:
             # A placeholder slot holds the shared job until the first result arrives; it is never
             # answered from (valid_until is 0).
@@ -258,12 +273,43 @@ class PolicyDB:
             return entry.expires_at, min(check_after, entry.expires_at)
         return entry.backoff_until, entry.backoff_until
 
-    def _work(self, domain: str, current: Decision | None, unsaved: Entry | None) -> _Result:
-        """In the thread pool: bring ``domain`` up to date, from the store or the network.
+    async def _refresh(
+        self, domain: str, current: Decision | None, unsaved: Entry | None
+    ) -> _Result:
+        """Bring ``domain`` up to date, from the store or the network.
 
         ``current`` is the decision answered from now (None for a domain not in memory) and
-        ``unsaved`` the entry behind it when the store could not save that entry.
+        ``unsaved`` the entry behind it when the store could not save that entry. The store is
+        read and written in the thread pool, and so is the HTTPS fetch; the DNS queries (the TXT
+        record, the policy host's IPv4 addresses) are asked from the event loop, where they cost
+        no thread hand-off.
         """
+        loop = asyncio.get_running_loop()
+        plan = await loop.run_in_executor(self._pool, self._prepare, domain, current, unsaved)
+        if not isinstance(plan, _Plan):
+            return plan
+        started = time.monotonic()
+        self.network_lookups += 1
+        record: mtasts.Record | mtasts.MTASTSError
+        try:
+            record, _ = await mtasts.lookup_record_async(domain, self.resolver)
+        except mtasts.MTASTSError as exc:
+            record = exc
+        ipv4: AddressOutcome = None
+        if isinstance(record, mtasts.Record) and self._fetch_due(plan, record):
+            try:
+                ipv4 = await self.resolver.ipv4_async(mtasts.policy_host(domain))
+            except (DNSNotFound, DNSTemporaryError) as exc:
+                ipv4 = exc
+        return await loop.run_in_executor(
+            self._pool, self._finish, domain, plan, record, ipv4, started
+        )
+
+    def _prepare(
+        self, domain: str, current: Decision | None, unsaved: Entry | None
+    ) -> _Result | _Plan:
+        """In the thread pool: the stored entry's answer when it is fresh enough, else what the
+        network part of the lookup starts from."""
         now = self._clock()
         entry = unsaved or self._load(domain)
         if entry is None and current is not None and current.policy is not None:
@@ -290,20 +336,6 @@ class PolicyDB:
                 # §3.3: a failed attempt is not repeated within the retry interval, also when
                 # the policy it failed to refresh has expired meanwhile.
                 return entry, decision, unsaved is None
-        started = time.monotonic()
-        self.network_lookups += 1
-        new_entry, decision, outcome = self._revalidate(domain, entry, cached, now)
-        new_entry = replace(new_entry, last_used=max(new_entry.last_used, now))
-        elapsed = (time.monotonic() - started) * 1000
-        log.info("%s: %s (%.0f ms)", domain, outcome, elapsed)
-        saved = self._save(new_entry)
-        return new_entry, _unexpired(decision, self._clock()), saved
-
-    def _revalidate(
-        self, domain: str, entry: Entry | None, cached: Policy | None, now: float
-    ) -> tuple[Entry, Decision, str]:
-        """RFC 8461 §3.3: check the TXT record, fetch the policy when it is new or due."""
-        s = self.settings
         base = entry or Entry(
             domain=domain,
             record_id=None,
@@ -322,56 +354,85 @@ class PolicyDB:
                     _when(base.expires_at),
                 )
             base = replace(base, policy_text=None, fetched_at=None, expires_at=None)
+        return _Plan(now, base, cached)
 
-        try:
-            record, _ = mtasts.lookup_record(domain, self.resolver)
-        except mtasts.DNSError as exc:
+    def _fetch_due(self, plan: _Plan, record: mtasts.Record) -> bool:
+        """Whether the policy must be fetched: none cached, a new ``id``, or a refresh due."""
+        cached, base = plan.cached, plan.base
+        if cached is None or record.id != base.record_id:
+            return True
+        interval = min(self.settings.refresh_interval, cached.max_age / 2)
+        return plan.now >= (base.fetched_at or 0.0) + interval
+
+    def _finish(
+        self,
+        domain: str,
+        plan: _Plan,
+        record: mtasts.Record | mtasts.MTASTSError,
+        ipv4: AddressOutcome,
+        started: float,
+    ) -> _Result:
+        """In the thread pool: the fetch when due, then the new entry into the store."""
+        new_entry, decision, outcome = self._revalidate(domain, plan, record, ipv4)
+        new_entry = replace(new_entry, last_used=max(new_entry.last_used, plan.now))
+        elapsed = (time.monotonic() - started) * 1000
+        log.info("%s: %s (%.0f ms)", domain, outcome, elapsed)
+        saved = self._save(new_entry)
+        return new_entry, _unexpired(decision, self._clock()), saved
+
+    def _revalidate(
+        self,
+        domain: str,
+        plan: _Plan,
+        record: mtasts.Record | mtasts.MTASTSError,
+        ipv4: AddressOutcome,
+    ) -> tuple[Entry, Decision, str]:
+        """RFC 8461 §3.3: the outcome of the TXT record's check; the policy fetched when it is
+        new or due."""
+        s = self.settings
+        now, base, cached = plan.now, plan.base, plan.cached
+        if isinstance(record, mtasts.DNSError):
             retry = now + DNS_RETRY_INTERVAL
-            new = replace(base, last_error=str(exc), backoff_until=retry)
+            new = replace(base, last_error=str(record), backoff_until=retry)
             if cached is not None:
                 log.warning(
                     "%s: %s; keeping the cached %s policy until %s",
                     domain,
-                    exc.cause,
+                    record.cause,
                     cached.mode,
                     _when(base.expires_at),
                 )
-                outcome = f"DNS failed, kept cached policy: {exc}"
+                outcome = f"DNS failed, kept cached policy: {record}"
                 return new, self._decision(domain, new, cached), outcome
-            return new, self._decision(domain, new, None), f"DNS failed: {exc.cause}"
-        except mtasts.MTASTSError as exc:
+            return new, self._decision(domain, new, None), f"DNS failed: {record.cause}"
+        if isinstance(record, mtasts.MTASTSError):
             if cached is not None:
                 # §3.3: no live record, but an unexpired cached policy: it MUST still be applied.
                 log.warning(
                     "%s: %s; keeping the cached %s policy until %s",
                     domain,
-                    exc.cause,
+                    record.cause,
                     cached.mode,
                     _when(base.expires_at),
                 )
-                new = replace(base, checked_at=now, last_error=str(exc))
-                outcome = f"record gone, kept cached policy: {exc}"
+                new = replace(base, checked_at=now, last_error=str(record))
+                outcome = f"record gone, kept cached policy: {record}"
                 return new, self._decision(domain, new, cached), outcome
             new = replace(
                 base,
                 record_id=None,
                 checked_at=now,
-                last_error=str(exc),
+                last_error=str(record),
                 backoff_until=now + s.no_record_ttl,
             )
-            return new, self._decision(domain, new, None), f"no policy: {exc.cause}"
+            return new, self._decision(domain, new, None), f"no policy: {record.cause}"
 
-        due = (
-            cached is None
-            or record.id != base.record_id
-            or now >= (base.fetched_at or 0.0) + min(s.refresh_interval, cached.max_age / 2)
-        )
-        if not due:
+        if not self._fetch_due(plan, record):
             new = replace(base, checked_at=now, last_error="", backoff_until=0.0)
             return new, self._decision(domain, new, cached), f"record id {record.id} unchanged"
 
         try:
-            policy, text = mtasts.fetch_policy(domain, self.fetcher)
+            policy, text = mtasts.fetch_policy(domain, self.fetcher, ipv4)
         except mtasts.MTASTSError as exc:
             # §3.3: after a failed fetch, at most one attempt per five minutes.
             new = replace(
@@ -465,6 +526,8 @@ class PolicyDB:
                 await self._maintenance
             self._maintenance = None
         await self.flush()
+        for job in list(self._background):
+            job.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def flush(self) -> None:

@@ -22,6 +22,7 @@ A ``Resolver`` is safe to share between threads: after ``__init__`` it is only r
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import socket
@@ -36,12 +37,14 @@ import dns.message
 import dns.name
 import dns.nameserver
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 import dns.resolver
 import dns.rrset
 
 __all__ = [
+    "AddressOutcome",
     "DNSNotFound",
     "DNSTemporaryError",
     "Resolver",
@@ -55,6 +58,9 @@ DNS_PORT = 53
 # server directly) is followed by asking again for the target; this bounds such loops.
 _MAX_CNAME_QUERIES = 8
 
+# The largest UDP reply read (the most a datagram can carry); the EDNS payload asked for is smaller.
+_MAX_UDP_REPLY = 65535
+
 _NAMESERVER_TEXT = re.compile(r"[A-Za-z0-9]+:(.+)@[0-9]+")
 
 
@@ -64,6 +70,10 @@ class DNSNotFound(Exception):
 
 class DNSTemporaryError(Exception):
     """No usable answer: SERVFAIL, REFUSED, a timeout, no nameserver answered, a malformed reply."""
+
+
+# What an A query already made came to: the addresses, or the error it raised (None: not made).
+AddressOutcome = list[str] | DNSNotFound | DNSTemporaryError | None
 
 
 # EDNS buffer size of the DNSSEC queries (the DNS Flag Day 2020 value: no fragmentation).
@@ -204,6 +214,9 @@ class Resolver:
         self._resolver.lifetime = lifetime
         # The project has its own policy cache; DNS answers must be fresh each time.
         self._resolver.cache = None
+        # The same settings for the asyncio loop (the daemon's TXT and A queries), built when
+        # first used: in our order, and with the first nameserver last.
+        self._async: list[Any] | None = None
         self.timeout = timeout
         self.lifetime = lifetime
         # DNSSEC queries (DANE): same servers and limits, with the DO bit and the AD flag set so
@@ -235,12 +248,21 @@ class Resolver:
         read such a record as the strings concatenated without separator. Bytes are decoded as
         latin-1 so that every byte survives for the caller to judge.
         """
-        rrset = self._query(name, dns.rdatatype.TXT)
-        return [
-            b"".join(rdata.strings).decode("latin-1")
-            for rdata in rrset
-            if isinstance(rdata, dns.rdtypes.ANY.TXT.TXT)
-        ]
+        return _txt_strings(self._query(name, dns.rdatatype.TXT))
+
+    async def txt_async(self, name: str) -> list[str]:
+        """:meth:`txt` on the running asyncio loop: the daemon asks without a thread."""
+        rrset = await self._query_async(name, dns.rdatatype.TXT)
+        return _txt_strings(rrset)
+
+    async def ipv4_async(self, name: str) -> list[str]:
+        """The IPv4 addresses of ``name`` (CNAMEs followed), on the running asyncio loop.
+
+        Raises ``DNSNotFound`` or ``DNSTemporaryError`` as :meth:`txt` does; the caller goes on
+        with :meth:`address_families`, which asks for the AAAA records only if they are needed.
+        """
+        rrset = await self._query_async(name, dns.rdatatype.A)
+        return [rdata.to_text() for rdata in rrset]
 
     def addresses(self, name: str) -> list[str]:
         """The IPv4 then IPv6 addresses of ``name``, CNAMEs followed.
@@ -250,18 +272,25 @@ class Resolver:
         """
         return [address for family in self.address_families(name) for address in family]
 
-    def address_families(self, name: str) -> Iterator[list[str]]:
+    def address_families(self, name: str, ipv4: AddressOutcome = None) -> Iterator[list[str]]:
         """The IPv4 addresses of ``name``, then its IPv6 addresses: the AAAA query is only made
         when the caller asks for more (an HTTPS fetch that reached an IPv4 address does not).
 
-        Raises as :meth:`addresses` does, once it is clear that neither family exists.
+        ``ipv4`` is the outcome of an A query already made (by :meth:`ipv4_async`): the
+        addresses, or the error it raised; it is not asked again. Raises as :meth:`addresses`
+        does, once it is clear that neither family exists.
         """
         not_found: list[DNSNotFound] = []
         failed: list[DNSTemporaryError] = []
         found = False
         for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             try:
-                rrset = self._query(name, rdtype)
+                if rdtype == dns.rdatatype.A and ipv4 is not None:
+                    if isinstance(ipv4, Exception):
+                        raise ipv4
+                    addresses = ipv4
+                else:
+                    addresses = [rdata.to_text() for rdata in self._query(name, rdtype)]
             except DNSNotFound as exc:
                 not_found.append(exc)
                 continue
@@ -269,7 +298,7 @@ class Resolver:
                 failed.append(exc)
                 continue
             found = True
-            yield [rdata.to_text() for rdata in rrset]
+            yield addresses
         if found:
             return
         if failed:
@@ -388,38 +417,175 @@ class Resolver:
     def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.rrset.RRset:
         """Ask for ``rdtype`` at ``name`` and return the RRset at the end of any CNAME chain.
 
-        This is the one place that turns dnspython's outcomes into ``DNSNotFound`` and
-        ``DNSTemporaryError``. Later record types (MX, TLSA with the AD bit) go through here too.
+        With :meth:`_query_async`, the one place that turns dnspython's outcomes into
+        ``DNSNotFound`` and ``DNSTemporaryError`` (in :meth:`_next_name`).
         """
-        type_text = dns.rdatatype.to_text(rdtype)
-        question = f"{name} {type_text}"
-        try:
-            qname = dns.name.from_text(name)
-        except dns.exception.DNSException as exc:
-            # Such a name (an empty label, a label over 63 octets, ...) cannot exist in the DNS.
-            raise DNSNotFound(f"{question}: not a valid DNS name ({exc})") from exc
+        question, qname = self._question(name, rdtype)
         for _ in range(_MAX_CNAME_QUERIES):
             try:
                 answer = self._resolver.resolve(qname, rdtype, search=False)
-            except dns.resolver.NXDOMAIN as exc:
-                where = self._at_canonical(qname, exc.canonical_name, name)
-                raise DNSNotFound(f"{question}: NXDOMAIN{where}") from exc
-            except dns.resolver.NoAnswer as exc:
-                response: dns.message.QueryMessage = exc.kwargs["response"]
-                canonical = response.canonical_name()
-                if canonical != qname and not self._has_soa(response):
-                    # The chain leaves this answer (an authoritative server does not follow a
-                    # CNAME into another zone): ask again for its target.
-                    qname = canonical
-                    continue
-                where = self._at_canonical(qname, canonical, name)
-                raise DNSNotFound(f"{question}: no {type_text} record{where}") from exc
             except Exception as exc:
-                self._temporary(question, exc)
-            if answer.rrset is None:  # pragma: no cover - resolve() raises NoAnswer instead
-                raise DNSNotFound(f"{question}: no {type_text} record")
-            return answer.rrset
+                qname = self._next_name(exc, question, qname, name, rdtype)
+                continue
+            return self._rrset(answer, question, rdtype)
         raise DNSTemporaryError(f"{question}: CNAME chain longer than {_MAX_CNAME_QUERIES} queries")
+
+    async def _query_async(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.rrset.RRset:
+        """:meth:`_query` on the running asyncio loop, with the same answers and errors.
+
+        Each question is first sent as one UDP datagram to the first nameserver
+        (:meth:`_first_try`); whatever that does not settle (no answer in time, truncation, an
+        error rcode, a malformed reply) is asked again through dnspython's asyncio resolver, which
+        tries every nameserver, retries and falls back to TCP, within what is left of the
+        lifetime.
+        """
+        question, qname = self._question(name, rdtype)
+        for _ in range(_MAX_CNAME_QUERIES):
+            deadline = time.monotonic() + self.lifetime
+            try:
+                timed_out = False
+                try:
+                    rrset = await self._first_try(qname, rdtype)
+                except TimeoutError:
+                    rrset, timed_out = None, True
+                if rrset is None:
+                    # After a timeout the other nameservers are asked first, as dnspython
+                    # itself would go on to the next one.
+                    left = max(deadline - time.monotonic(), 0.001)
+                    answer = await self._async_resolver(timed_out).resolve(
+                        qname, rdtype, search=False, lifetime=left
+                    )
+                    rrset = self._rrset(answer, question, rdtype)
+            except Exception as exc:
+                qname = self._next_name(exc, question, qname, name, rdtype)
+                continue
+            return rrset
+        raise DNSTemporaryError(f"{question}: CNAME chain longer than {_MAX_CNAME_QUERIES} queries")
+
+    async def _first_try(
+        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
+    ) -> dns.rrset.RRset | None:
+        """One UDP exchange with the first nameserver, on the loop's own socket readiness.
+
+        dnspython's asyncio resolver spends most of its time on asyncio's datagram transport
+        machinery, three times what the question and the parse cost: this sends the same
+        request (dnspython builds it, with the resolver's flags and EDNS settings) from a fresh
+        socket (a random source port per question) and parses the reply with dnspython.
+
+        Returns the RRset at the end of the CNAME chain; raises dnspython's ``NXDOMAIN`` or
+        ``NoAnswer`` exactly as its resolver would for that reply, and ``TimeoutError`` when no
+        reply came in time; returns None for anything else. What this does not settle is left to
+        the full resolver.
+        """
+        resolver = self._resolver
+        server = resolver.nameservers[0]
+        if not isinstance(server, dns.nameserver.Do53Nameserver):
+            return None
+        address, port = server.address, server.port
+        request = dns.message.make_query(qname, rdtype)
+        request.use_edns(
+            resolver.edns, resolver.ednsflags, resolver.payload, options=resolver.ednsoptions
+        )
+        if resolver.flags is not None:
+            request.flags = resolver.flags
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        loop = asyncio.get_running_loop()
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
+                # Connected: the kernel drops datagrams from any other address and port.
+                sock.connect((address, port))
+                sock.send(request.to_wire())
+                async with asyncio.timeout(min(self.timeout, self.lifetime)):
+                    wire = await loop.sock_recv(sock, _MAX_UDP_REPLY)
+            response = dns.message.from_wire(wire)
+        except TimeoutError:
+            raise
+        except (OSError, dns.exception.DNSException):
+            return None
+        if not isinstance(response, dns.message.QueryMessage):
+            return None
+        if not request.is_response(response) or response.flags & dns.flags.TC:
+            return None
+        rcode = response.rcode()
+        try:
+            if rcode == dns.rcode.NOERROR:
+                answer = dns.resolver.Answer(
+                    qname, rdtype, dns.rdataclass.IN, response, address, port
+                )
+            elif rcode == dns.rcode.NXDOMAIN:
+                # Checked the way dnspython checks it: the chain must hold together.
+                dns.resolver.Answer(qname, dns.rdatatype.ANY, dns.rdataclass.IN, response)
+            else:
+                return None
+        except Exception:
+            return None
+        if rcode == dns.rcode.NXDOMAIN:
+            raise dns.resolver.NXDOMAIN(qnames=[qname], responses={qname: response})  # type: ignore[no-untyped-call]
+        if answer.rrset is None:
+            raise dns.resolver.NoAnswer(response=response)  # type: ignore[no-untyped-call]
+        return answer.rrset
+
+    def _async_resolver(self, first_last: bool = False) -> Any:  # dns.asyncresolver.Resolver
+        """dnspython's asyncio resolver with our settings; ``first_last``: with the first
+        nameserver moved to the end of the list."""
+        if self._async is None:
+            # Imported here: the command-line tool never needs it, and it costs start-up time.
+            import dns.asyncresolver
+
+            servers = list(self._resolver.nameservers)
+            self._async = []
+            for order in (servers, servers[1:] + servers[:1]):
+                resolver = dns.asyncresolver.Resolver(configure=False)
+                resolver.nameservers = order
+                resolver.port = self._resolver.port
+                resolver.timeout = self.timeout
+                resolver.lifetime = self.lifetime
+                resolver.cache = None
+                self._async.append(resolver)
+        return self._async[1 if first_last else 0]
+
+    @staticmethod
+    def _question(name: str, rdtype: dns.rdatatype.RdataType) -> tuple[str, dns.name.Name]:
+        question = f"{name} {dns.rdatatype.to_text(rdtype)}"
+        try:
+            return question, dns.name.from_text(name)
+        except dns.exception.DNSException as exc:
+            # Such a name (an empty label, a label over 63 octets, ...) cannot exist in the DNS.
+            raise DNSNotFound(f"{question}: not a valid DNS name ({exc})") from exc
+
+    def _next_name(
+        self,
+        exc: Exception,
+        question: str,
+        qname: dns.name.Name,
+        name: str,
+        rdtype: dns.rdatatype.RdataType,
+    ) -> dns.name.Name:
+        """The name to ask next after ``exc``, or the ``DNSNotFound`` / ``DNSTemporaryError``
+        that ``exc`` means."""
+        if isinstance(exc, dns.resolver.NXDOMAIN):
+            where = self._at_canonical(qname, exc.canonical_name, name)
+            raise DNSNotFound(f"{question}: NXDOMAIN{where}") from exc
+        if isinstance(exc, dns.resolver.NoAnswer):
+            response: dns.message.QueryMessage = exc.kwargs["response"]
+            canonical = response.canonical_name()
+            if canonical != qname and not self._has_soa(response):
+                # The chain leaves this answer (an authoritative server does not follow a
+                # CNAME into another zone): ask again for its target.
+                return canonical
+            where = self._at_canonical(qname, canonical, name)
+            type_text = dns.rdatatype.to_text(rdtype)
+            raise DNSNotFound(f"{question}: no {type_text} record{where}") from exc
+        self._temporary(question, exc)
+
+    @staticmethod
+    def _rrset(
+        answer: dns.resolver.Answer, question: str, rdtype: dns.rdatatype.RdataType
+    ) -> dns.rrset.RRset:
+        if answer.rrset is None:  # pragma: no cover - resolve() raises NoAnswer instead
+            raise DNSNotFound(f"{question}: no {dns.rdatatype.to_text(rdtype)} record")
+        return answer.rrset
 
     @staticmethod
     def _has_soa(response: dns.message.Message) -> bool:
@@ -433,6 +599,14 @@ class Resolver:
         if canonical == qname and qname.to_text(omit_final_dot=True) == original:
             return ""
         return f" (at {canonical.to_text(omit_final_dot=True)}, reached through CNAME)"
+
+
+def _txt_strings(rrset: dns.rrset.RRset) -> list[str]:
+    return [
+        b"".join(rdata.strings).decode("latin-1")
+        for rdata in rrset
+        if isinstance(rdata, dns.rdtypes.ANY.TXT.TXT)
+    ]
 
 
 def _negative_ttl(response: dns.message.Message) -> int:

@@ -1019,7 +1019,7 @@ class TableFetcher:
         self.table = table
         self.requests: list[tuple[str, str]] = []
 
-    def get(self, host: str, path: str = POLICY_PATH) -> bytes:
+    def get(self, host: str, path: str = POLICY_PATH, *, ipv4: object = None) -> bytes:
         self.requests.append((host, path))
         answer = self.table.get(host, http_status(f"https://{host}{path}", 404))
         if isinstance(answer, Exception):

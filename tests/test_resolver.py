@@ -8,6 +8,7 @@ Nameserver parsing is pure and table-driven.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -24,7 +25,13 @@ import dns.rrset
 import pytest
 from bed import SCENARIOS, Bed
 
-from postfix_mtasts.resolver import DNSNotFound, DNSTemporaryError, Resolver, parse_nameserver
+from postfix_mtasts.resolver import (
+    AddressOutcome,
+    DNSNotFound,
+    DNSTemporaryError,
+    Resolver,
+    parse_nameserver,
+)
 
 # Generous for loopback, small enough that a test of a dead server stays quick.
 TIMEOUT = 2.0
@@ -38,6 +45,37 @@ def recursive(bed: Bed) -> Resolver:
 @pytest.fixture
 def authoritative(bed: Bed) -> Resolver:
     return Resolver(bed.auth_nameservers, timeout=TIMEOUT)
+
+
+TXTQuery = Callable[[Resolver, str], list[str]]
+AddressQuery = Callable[[Resolver, str], list[str]]
+
+
+@pytest.fixture(params=["thread", "loop"])
+def txt(request: pytest.FixtureRequest) -> TXTQuery:
+    """A TXT question asked the blocking way (``txt``, the command-line tool's) or on an event
+    loop (``txt_async``, the daemon's): every answer and error must be the same either way."""
+    if request.param == "thread":
+        return lambda resolver, name: resolver.txt(name)
+    return lambda resolver, name: asyncio.run(resolver.txt_async(name))
+
+
+def _addresses_on_a_loop(resolver: Resolver, name: str) -> list[str]:
+    # As the daemon asks: the A query on its loop, then AAAA (only if needed) in a thread.
+    ipv4: AddressOutcome
+    try:
+        ipv4 = asyncio.run(resolver.ipv4_async(name))
+    except (DNSNotFound, DNSTemporaryError) as exc:
+        ipv4 = exc
+    return [address for family in resolver.address_families(name, ipv4) for address in family]
+
+
+@pytest.fixture(params=["thread", "loop"])
+def addresses(request: pytest.FixtureRequest) -> AddressQuery:
+    """The addresses of a name, asked the blocking way or the daemon's way."""
+    if request.param == "thread":
+        return lambda resolver, name: resolver.addresses(name)
+    return _addresses_on_a_loop
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,100 +158,114 @@ def test_lifetime_defaults_to_twice_the_timeout() -> None:
 # TXT.
 
 
-def test_txt_returns_the_record_of_a_domain(recursive: Resolver) -> None:
-    assert recursive.txt("_mta-sts.enforce.mtasts.test") == list(SCENARIOS["enforce"].txt)
+def test_txt_returns_the_record_of_a_domain(recursive: Resolver, txt: TXTQuery) -> None:
+    assert txt(recursive, "_mta-sts.enforce.mtasts.test") == list(SCENARIOS["enforce"].txt)
 
 
-def test_txt_returns_one_string_per_record(bed: Bed, recursive: Resolver) -> None:
+def test_txt_returns_one_string_per_record(bed: Bed, recursive: Resolver, txt: TXTQuery) -> None:
     name = f"_mta-sts.{bed.unique_domain('txt')}"
     bed.dns_set(name, "TXT", ["v=STSv1; id=one;", "some other text"])
-    assert sorted(recursive.txt(name)) == ["some other text", "v=STSv1; id=one;"]
+    assert sorted(txt(recursive, name)) == ["some other text", "v=STSv1; id=one;"]
 
 
 def test_txt_joins_the_strings_of_one_record_without_separator(
-    bed: Bed, recursive: Resolver
+    bed: Bed, recursive: Resolver, txt: TXTQuery
 ) -> None:
     # RFC 8461 §3.1 (as RFC 7208 §3.3): a record split into strings is read as their concatenation.
     name = f"_mta-sts.{bed.unique_domain('split')}"
     bed.dns_set(name, "TXT", [["v=STSv1; ", "id=split", "2024;"]])
-    assert recursive.txt(name) == ["v=STSv1; id=split2024;"]
+    assert txt(recursive, name) == ["v=STSv1; id=split2024;"]
 
 
-def test_txt_keeps_every_byte_of_a_record(bed: Bed, recursive: Resolver) -> None:
+def test_txt_keeps_every_byte_of_a_record(bed: Bed, recursive: Resolver, txt: TXTQuery) -> None:
     name = f"_mta-sts.{bed.unique_domain('bytes')}"
     bed.dns_set(name, "TXT", ["v=STSv1; id=caf\u00e9;"])
-    (text,) = recursive.txt(name)
+    (text,) = txt(recursive, name)
     assert text.encode("latin-1") == "v=STSv1; id=caf\u00e9;".encode()
 
 
 @pytest.mark.parametrize("server", ["recursive", "authoritative"])
-def test_txt_follows_a_cname_chain(server: str, request: pytest.FixtureRequest) -> None:
+def test_txt_follows_a_cname_chain(
+    server: str, request: pytest.FixtureRequest, txt: TXTQuery
+) -> None:
     resolver: Resolver = request.getfixturevalue(server)
     # _mta-sts.cname -> _mta-sts-hop.cname -> sts-target.cname (TXT).
-    assert resolver.txt("_mta-sts.cname.mtasts.test") == ["v=STSv1; id=cname20240101;"]
+    assert txt(resolver, "_mta-sts.cname.mtasts.test") == ["v=STSv1; id=cname20240101;"]
 
 
-def test_nxdomain_is_not_found(recursive: Resolver) -> None:
+def test_nxdomain_is_not_found(recursive: Resolver, txt: TXTQuery) -> None:
     with pytest.raises(DNSNotFound) as raised:
-        recursive.txt("_mta-sts.norecord.mtasts.test")
+        txt(recursive, "_mta-sts.norecord.mtasts.test")
     assert str(raised.value) == "_mta-sts.norecord.mtasts.test TXT: NXDOMAIN"
 
 
-def test_name_without_txt_record_is_not_found(recursive: Resolver) -> None:
+def test_name_without_txt_record_is_not_found(recursive: Resolver, txt: TXTQuery) -> None:
     # NODATA: the name exists (it has an A record) but no TXT.
     with pytest.raises(DNSNotFound) as raised:
-        recursive.txt("mta-sts.enforce.mtasts.test")
+        txt(recursive, "mta-sts.enforce.mtasts.test")
     assert str(raised.value) == "mta-sts.enforce.mtasts.test TXT: no TXT record"
 
 
-def test_cname_to_a_missing_name_is_not_found_and_says_where(bed: Bed, recursive: Resolver) -> None:
+def test_cname_to_a_missing_name_is_not_found_and_says_where(
+    bed: Bed, recursive: Resolver, txt: TXTQuery
+) -> None:
     domain = bed.unique_domain("dangling")
     bed.dns_set(f"_mta-sts.{domain}", "CNAME", [f"nowhere.{domain}."])
     with pytest.raises(DNSNotFound) as raised:
-        recursive.txt(f"_mta-sts.{domain}")
+        txt(recursive, f"_mta-sts.{domain}")
     message = str(raised.value)
     assert message.startswith(f"_mta-sts.{domain} TXT: NXDOMAIN"), message
     assert f"nowhere.{domain}" in message
 
 
-def test_invalid_name_is_not_found(recursive: Resolver) -> None:
+def test_invalid_name_is_not_found(recursive: Resolver, txt: TXTQuery) -> None:
     with pytest.raises(DNSNotFound, match="not a valid DNS name"):
-        recursive.txt("a" * 64 + ".mtasts.test")
+        txt(recursive, "a" * 64 + ".mtasts.test")
 
 
-def test_refused_query_is_a_temporary_error(authoritative: Resolver) -> None:
+def test_refused_query_is_a_temporary_error(authoritative: Resolver, txt: TXTQuery) -> None:
     # knot is authoritative for mtasts.test only and refuses anything else.
     with pytest.raises(DNSTemporaryError) as raised:
-        authoritative.txt("_mta-sts.example.org")
+        txt(authoritative, "_mta-sts.example.org")
     message = str(raised.value)
     assert message.startswith("_mta-sts.example.org TXT: REFUSED from 127.0.0.1 port "), message
 
 
-def test_dead_nameserver_is_a_temporary_error_within_the_lifetime(bed: Bed) -> None:
+def test_dead_nameserver_is_a_temporary_error_within_the_lifetime(bed: Bed, txt: TXTQuery) -> None:
     resolver = Resolver([bed.dead_nameserver], timeout=0.2, lifetime=0.5)
     started = time.monotonic()
     with pytest.raises(DNSTemporaryError) as raised:
-        resolver.txt("_mta-sts.enforce.mtasts.test")
+        txt(resolver, "_mta-sts.enforce.mtasts.test")
     assert time.monotonic() - started < 3.0
     message = str(raised.value)
     assert message.startswith("_mta-sts.enforce.mtasts.test TXT: timed out after 0.5s"), message
     assert bed.dead_nameserver.replace(":", " port ") in message
 
 
-def test_next_nameserver_answers_when_the_first_is_dead(bed: Bed) -> None:
+def test_next_nameserver_answers_when_the_first_is_dead(bed: Bed, txt: TXTQuery) -> None:
     resolver = Resolver([bed.dead_nameserver, *bed.resolver_nameservers], timeout=0.3)
-    assert resolver.txt("_mta-sts.enforce.mtasts.test") == list(SCENARIOS["enforce"].txt)
+    assert txt(resolver, "_mta-sts.enforce.mtasts.test") == list(SCENARIOS["enforce"].txt)
 
 
-def test_answers_are_not_cached(bed: Bed, recursive: Resolver) -> None:
+def test_answers_are_not_cached(bed: Bed, recursive: Resolver, txt: TXTQuery) -> None:
     name = f"_mta-sts.{bed.unique_domain('fresh')}"
     bed.dns_set(name, "TXT", ["v=STSv1; id=before;"])
-    assert recursive.txt(name) == ["v=STSv1; id=before;"]
+    assert txt(recursive, name) == ["v=STSv1; id=before;"]
     bed.dns_set(name, "TXT", ["v=STSv1; id=after;"])
-    assert recursive.txt(name) == ["v=STSv1; id=after;"]
+    assert txt(recursive, name) == ["v=STSv1; id=after;"]
 
 
-def test_one_resolver_serves_many_threads(recursive: Resolver) -> None:
+def test_answer_too_large_for_udp_comes_over_tcp(
+    bed: Bed, recursive: Resolver, txt: TXTQuery
+) -> None:
+    # Over 512 bytes: truncated over UDP (no EDNS), asked again over TCP.
+    name = f"_mta-sts.{bed.unique_domain('large')}"
+    records = [f"v=STSv1; id=large{i};" + "x" * 180 for i in range(6)]
+    bed.dns_set(name, "TXT", records)
+    assert sorted(txt(recursive, name)) == sorted(records)
+
+
+def test_one_resolver_serves_many_threads(recursive: Resolver, txt: TXTQuery) -> None:
     names = ["enforce", "testing", "none", "cname"] * 10
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(
@@ -227,41 +279,47 @@ def test_one_resolver_serves_many_threads(recursive: Resolver) -> None:
 # Addresses.
 
 
-def test_addresses_returns_ipv4_before_ipv6(bed: Bed, recursive: Resolver) -> None:
+def test_addresses_returns_ipv4_before_ipv6(
+    bed: Bed, recursive: Resolver, addresses: AddressQuery
+) -> None:
     name = f"mta-sts.{bed.unique_domain('dual')}"
     bed.dns_set(name, "AAAA", ["2001:db8::1", "2001:db8::2"])
     bed.dns_set(name, "A", ["192.0.2.1"])
-    found = recursive.addresses(name)
+    found = addresses(recursive, name)
     assert found[0] == "192.0.2.1"
     assert sorted(found[1:]) == ["2001:db8::1", "2001:db8::2"]
 
 
-def test_addresses_with_ipv6_only(bed: Bed, recursive: Resolver) -> None:
+def test_addresses_with_ipv6_only(bed: Bed, recursive: Resolver, addresses: AddressQuery) -> None:
     name = f"mta-sts.{bed.unique_domain('six')}"
     bed.dns_set(name, "AAAA", ["2001:db8::6"])
-    assert recursive.addresses(name) == ["2001:db8::6"]
+    assert addresses(recursive, name) == ["2001:db8::6"]
 
 
-def test_addresses_follow_a_cname(bed: Bed, recursive: Resolver) -> None:
+def test_addresses_follow_a_cname(bed: Bed, recursive: Resolver, addresses: AddressQuery) -> None:
     domain = bed.unique_domain("alias")
     bed.dns_set(f"mta-sts.{domain}", "CNAME", [f"web.{domain}."])
     bed.dns_set(f"web.{domain}", "A", ["192.0.2.7"])
-    assert recursive.addresses(f"mta-sts.{domain}") == ["192.0.2.7"]
+    assert addresses(recursive, f"mta-sts.{domain}") == ["192.0.2.7"]
 
 
-def test_no_address_record_is_not_found(bed: Bed, recursive: Resolver) -> None:
+def test_no_address_record_is_not_found(
+    bed: Bed, recursive: Resolver, addresses: AddressQuery
+) -> None:
     with pytest.raises(DNSNotFound) as raised:
-        recursive.addresses("mta-sts.nohost.mtasts.test")
+        addresses(recursive, "mta-sts.nohost.mtasts.test")
     assert str(raised.value) == "mta-sts.nohost.mtasts.test A/AAAA: NXDOMAIN"
     # A name with other records but no address: NODATA for both types.
     with pytest.raises(DNSNotFound, match=r"^enforce\.mtasts\.test A/AAAA: no A record"):
-        recursive.addresses("enforce.mtasts.test")
+        addresses(recursive, "enforce.mtasts.test")
 
 
-def test_addresses_from_a_dead_nameserver_are_a_temporary_error(bed: Bed) -> None:
+def test_addresses_from_a_dead_nameserver_are_a_temporary_error(
+    bed: Bed, addresses: AddressQuery
+) -> None:
     resolver = Resolver([bed.dead_nameserver], timeout=0.2, lifetime=0.4)
     with pytest.raises(DNSTemporaryError, match=r"^mta-sts\.enforce\.mtasts\.test A: timed out"):
-        resolver.addresses("mta-sts.enforce.mtasts.test")
+        addresses(resolver, "mta-sts.enforce.mtasts.test")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,28 +391,45 @@ def _rrset(name: str, rdtype: str, *values: str) -> dns.rrset.RRset:
     return dns.rrset.from_text(name, 60, dns.rdataclass.IN, rdtype, *values)
 
 
-def test_servfail_is_a_temporary_error(scripted: Callable[[Script], ScriptedNameserver]) -> None:
+def test_servfail_is_a_temporary_error(
+    scripted: Callable[[Script], ScriptedNameserver], txt: TXTQuery
+) -> None:
     server = scripted(lambda query: _reply(query, dns.rcode.Rcode.SERVFAIL))
     resolver = Resolver([server.address], timeout=TIMEOUT)
     with pytest.raises(DNSTemporaryError) as raised:
-        resolver.txt("_mta-sts.example.org")
+        txt(resolver, "_mta-sts.example.org")
     port = server.address.split(":")[1]
     assert str(raised.value) == f"_mta-sts.example.org TXT: SERVFAIL from 127.0.0.1 port {port}"
 
 
 def test_malformed_reply_is_a_temporary_error(
-    scripted: Callable[[Script], ScriptedNameserver],
+    scripted: Callable[[Script], ScriptedNameserver], txt: TXTQuery
 ) -> None:
     # The query's id and a header claiming one question, then nothing. dnspython drops such a UDP
     # reply and keeps waiting for a well-formed one, so the query ends as a timeout.
     server = scripted(lambda query: query.id.to_bytes(2, "big") + b"\x81\x80\x00\x01" + b"\x00" * 6)
     resolver = Resolver([server.address], timeout=0.5, lifetime=1.0)
     with pytest.raises(DNSTemporaryError, match=r"^_mta-sts\.example\.org TXT: timed out"):
-        resolver.txt("_mta-sts.example.org")
+        txt(resolver, "_mta-sts.example.org")
+
+
+def test_reply_to_another_question_is_not_taken(
+    scripted: Callable[[Script], ScriptedNameserver], txt: TXTQuery
+) -> None:
+    # An off-path forger guessing wrong: the answer it offers comes with another query id.
+    def script(query: dns.message.QueryMessage) -> dns.message.Message:
+        reply = _reply(query)
+        reply.id = (query.id + 1) % 65536
+        reply.answer.append(_rrset("_mta-sts.example.org.", "TXT", '"v=STSv1; id=forged;"'))
+        return reply
+
+    resolver = Resolver([scripted(script).address], timeout=0.3, lifetime=0.6)
+    with pytest.raises(DNSTemporaryError, match=r"^_mta-sts\.example\.org TXT: timed out"):
+        txt(resolver, "_mta-sts.example.org")
 
 
 def test_cname_leaving_the_answer_is_followed_by_a_new_query(
-    scripted: Callable[[Script], ScriptedNameserver],
+    scripted: Callable[[Script], ScriptedNameserver], txt: TXTQuery
 ) -> None:
     # An authoritative server answers the CNAME of its zone and says nothing about the target.
     def script(query: dns.message.QueryMessage) -> dns.message.Message:
@@ -368,12 +443,12 @@ def test_cname_leaving_the_answer_is_followed_by_a_new_query(
 
     server = scripted(script)
     resolver = Resolver([server.address], timeout=TIMEOUT)
-    assert resolver.txt("_mta-sts.example.org") == ["v=STSv1; id=outside;"]
+    assert txt(resolver, "_mta-sts.example.org") == ["v=STSv1; id=outside;"]
     assert server.queries == ["_mta-sts.example.org. TXT", "sts.example.net. TXT"]
 
 
 def test_nodata_at_the_end_of_a_cname_is_not_found_without_asking_again(
-    scripted: Callable[[Script], ScriptedNameserver],
+    scripted: Callable[[Script], ScriptedNameserver], txt: TXTQuery
 ) -> None:
     # A recursive server's NODATA for the target: the chain, and the target zone's SOA.
     def script(query: dns.message.QueryMessage) -> dns.message.Message:
@@ -387,14 +462,14 @@ def test_nodata_at_the_end_of_a_cname_is_not_found_without_asking_again(
     server = scripted(script)
     resolver = Resolver([server.address], timeout=TIMEOUT)
     with pytest.raises(DNSNotFound) as raised:
-        resolver.txt("_mta-sts.example.org")
+        txt(resolver, "_mta-sts.example.org")
     assert str(raised.value) == (
         "_mta-sts.example.org TXT: no TXT record (at sts.example.net, reached through CNAME)"
     )
     assert len(server.queries) == 1
 
 
-def test_cname_loop_ends(scripted: Callable[[Script], ScriptedNameserver]) -> None:
+def test_cname_loop_ends(scripted: Callable[[Script], ScriptedNameserver], txt: TXTQuery) -> None:
     def script(query: dns.message.QueryMessage) -> dns.message.Message:
         reply = _reply(query)
         name = query.question[0].name.to_text()
@@ -404,4 +479,4 @@ def test_cname_loop_ends(scripted: Callable[[Script], ScriptedNameserver]) -> No
 
     resolver = Resolver([scripted(script).address], timeout=TIMEOUT)
     with pytest.raises(DNSTemporaryError, match="CNAME chain longer than"):
-        resolver.txt("a.example.org")
+        txt(resolver, "a.example.org")
