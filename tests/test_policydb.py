@@ -566,6 +566,41 @@ def test_failed_first_fetch_is_not_retried_within_fetch_retry_interval(
     run(db, scenario)
 
 
+def test_policy_host_without_address_is_a_failed_fetch(bed: Bed, make_db: MakeDB) -> None:
+    # The TXT record and the policy host's A query are asked from the event loop, the AAAA
+    # query and the fetch in a thread: the one outcome names both address types.
+    site = publish(bed, "noaddress")
+    bed.dns_delete(site.host)
+    db = make_db()
+
+    async def scenario() -> None:
+        decision = await answered_later(db, site.domain)
+        assert decision.policy is None
+        assert decision.record_id == "1"
+        assert f"{site.host} A/AAAA: NXDOMAIN" in decision.error, decision.error
+        assert site.gets == 0
+        entry = stored(db, site.domain)
+        assert entry.backoff_until == START + FETCH_RETRY
+
+    run(db, scenario)
+
+
+def test_policy_host_with_only_ipv6_addresses_is_asked_for_them(bed: Bed, make_db: MakeDB) -> None:
+    # No A record (NODATA on the loop): the AAAA query follows, and its address is tried. The
+    # bed serves on IPv4 only, so the connection fails; what matters is the address tried.
+    site = publish(bed, "sixonly")
+    bed.dns_delete(site.host, "A")
+    bed.dns_set(site.host, "AAAA", ["::1"])
+    db = make_db()
+
+    async def scenario() -> None:
+        decision = await answered_later(db, site.domain)
+        assert decision.policy is None
+        assert "::1 port 443" in decision.error, decision.error
+
+    run(db, scenario)
+
+
 def test_failed_refresh_is_not_retried_within_fetch_retry_interval(
     bed: Bed, make_db: MakeDB, clock: FakeClock
 ) -> None:
