@@ -17,7 +17,9 @@ Messages name the question and say what happened in plain words
 (``_mta-sts.example.org TXT: NXDOMAIN``, ``... SERVFAIL from 192.0.2.53 port 53``).
 
 dnspython's own cache is off: the project caches policies itself and must see DNS as it is now.
-A ``Resolver`` is safe to share between threads: after ``__init__`` it is only read.
+A ``Resolver`` is safe to share between threads: after ``__init__`` it is only read (but for
+the asyncio resolvers behind ``txt_async`` and ``ipv4_async``, made on their first use, on the
+loop that uses them).
 """
 
 from __future__ import annotations
@@ -467,10 +469,11 @@ class Resolver:
     ) -> dns.rrset.RRset | None:
         """One UDP exchange with the first nameserver, on the loop's own socket readiness.
 
-        dnspython's asyncio resolver spends most of its time on asyncio's datagram transport
-        machinery, three times what the question and the parse cost: this sends the same
-        request (dnspython builds it, with the resolver's flags and EDNS settings) from a fresh
-        socket (a random source port per question) and parses the reply with dnspython.
+        dnspython's asyncio resolver opens an asyncio datagram transport for each question; this
+        sends the same request (dnspython builds it, with the resolver's flags and EDNS settings)
+        from a plain non-blocking socket, a fresh one (a random source port) per question, and
+        parses the reply with dnspython: about a quarter fewer instructions a question (callgrind,
+        TXT: 1.38M against 1.80M).
 
         Returns the RRset at the end of the CNAME chain; raises dnspython's ``NXDOMAIN`` or
         ``NoAnswer`` exactly as its resolver would for that reply, and ``TimeoutError`` when no
