@@ -17,10 +17,9 @@ for a domain it has never seen, or in the background:
 
 Everything here runs on the event loop, except what blocks: reading and writing the store, and
 the HTTPS fetch (requests), which run in a thread pool. A lookup's DNS questions (the TXT record,
-the policy host's IPv4 addresses) are asked from the loop itself: in a thread each would cost a
-dozen hand-offs of the interpreter lock, and under a fan-out of cold lookups those hand-offs, not
-the questions, were most of the cost. The hot path, a cached answer, is a dict look-up and two
-comparisons.
+the policy host's IPv4 addresses) are asked from the loop itself: in a lookup thread, each of a
+question's system calls would hand the interpreter lock to another thread. The hot path, a cached
+answer, is a dict look-up and two comparisons.
 """
 
 from __future__ import annotations
