@@ -53,7 +53,7 @@ __all__ = [
 # RFC 8461 §3.2: "max_age" is capped at 31557600 seconds (about one year).
 MAX_MAX_AGE = 31557600
 
-POLICY_PATH = "/.well-known/mta-sts.txt"
+POLICY_PATH = _fetch.POLICY_PATH  # RFC 8461 §3.2
 
 
 class Mode(enum.StrEnum):

@@ -294,14 +294,15 @@ class PolicyDB:
             record, _ = await mtasts.lookup_record_async(domain, self.resolver)
         except mtasts.MTASTSError as exc:
             record = exc
+        due = isinstance(record, mtasts.Record) and self._fetch_due(plan, record)
         ipv4: AddressOutcome = None
-        if isinstance(record, mtasts.Record) and self._fetch_due(plan, record):
+        if due:
             try:
                 ipv4 = await self.resolver.ipv4_async(mtasts.policy_host(domain))
             except (DNSNotFound, DNSTemporaryError) as exc:
                 ipv4 = exc
         return await loop.run_in_executor(
-            self._pool, self._finish, domain, plan, record, ipv4, started
+            self._pool, self._finish, domain, plan, record, due, ipv4, started
         )
 
     def _prepare(
@@ -368,11 +369,12 @@ class PolicyDB:
         domain: str,
         plan: _Plan,
         record: mtasts.Record | mtasts.MTASTSError,
+        due: bool,
         ipv4: AddressOutcome,
         started: float,
     ) -> _Result:
         """In the thread pool: the fetch when due, then the new entry into the store."""
-        new_entry, decision, outcome = self._revalidate(domain, plan, record, ipv4)
+        new_entry, decision, outcome = self._revalidate(domain, plan, record, due, ipv4)
         new_entry = replace(new_entry, last_used=max(new_entry.last_used, plan.now))
         elapsed = (time.monotonic() - started) * 1000
         log.info("%s: %s (%.0f ms)", domain, outcome, elapsed)
@@ -384,10 +386,11 @@ class PolicyDB:
         domain: str,
         plan: _Plan,
         record: mtasts.Record | mtasts.MTASTSError,
+        due: bool,
         ipv4: AddressOutcome,
     ) -> tuple[Entry, Decision, str]:
         """RFC 8461 §3.3: the outcome of the TXT record's check; the policy fetched when it is
-        new or due."""
+        new or due (``due``, decided on the loop by :meth:`_fetch_due`)."""
         s = self.settings
         now, base, cached = plan.now, plan.base, plan.cached
         if isinstance(record, mtasts.DNSError):
@@ -426,7 +429,7 @@ class PolicyDB:
             )
             return new, self._decision(domain, new, None), f"no policy: {record.cause}"
 
-        if not self._fetch_due(plan, record):
+        if not due:
             new = replace(base, checked_at=now, last_error="", backoff_until=0.0)
             return new, self._decision(domain, new, cached), f"record id {record.id} unchanged"
 

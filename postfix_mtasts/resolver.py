@@ -31,7 +31,7 @@ import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import dns.exception
 import dns.flags
@@ -59,6 +59,8 @@ DNS_PORT = 53
 # A CNAME chain that leaves the answer of one query (possible when asking an authoritative
 # server directly) is followed by asking again for the target; this bounds such loops.
 _MAX_CNAME_QUERIES = 8
+
+_R = TypeVar("_R", bound=dns.resolver.BaseResolver)
 
 # The largest UDP reply read (the most a datagram can carry); the EDNS payload asked for is smaller.
 _MAX_UDP_REPLY = 65535
@@ -224,12 +226,7 @@ class Resolver:
         # DNSSEC queries (DANE): same servers and limits, with the DO bit and the AD flag set so
         # that the validating resolver reports its verdict (RFC 6840 §5.7). We trust the AD bit
         # of the resolver we were configured with; we do not validate ourselves.
-        self._secure = dns.resolver.Resolver(configure=False)
-        self._secure.nameservers = self._resolver.nameservers
-        self._secure.port = self._resolver.port
-        self._secure.timeout = timeout
-        self._secure.lifetime = lifetime
-        self._secure.cache = None
+        self._secure = self._like_ours(dns.resolver.Resolver(configure=False))
         self._secure.use_edns(0, dns.flags.DO, _EDNS_PAYLOAD)
         self._secure.flags = dns.flags.RD | dns.flags.AD
 
@@ -537,16 +534,21 @@ class Resolver:
             import dns.asyncresolver
 
             servers = list(self._resolver.nameservers)
-            self._async = []
-            for order in (servers, servers[1:] + servers[:1]):
-                resolver = dns.asyncresolver.Resolver(configure=False)
-                resolver.nameservers = order
-                resolver.port = self._resolver.port
-                resolver.timeout = self.timeout
-                resolver.lifetime = self.lifetime
-                resolver.cache = None
-                self._async.append(resolver)
+            self._async = [
+                self._like_ours(dns.asyncresolver.Resolver(configure=False), order)
+                for order in (servers, servers[1:] + servers[:1])
+            ]
         return self._async[1 if first_last else 0]
+
+    def _like_ours(self, resolver: _R, nameservers: list[Any] | None = None) -> _R:
+        """``resolver`` with our nameservers (or ``nameservers``, ours in another order), port,
+        limits, and no cache."""
+        resolver.nameservers = self._resolver.nameservers if nameservers is None else nameservers
+        resolver.port = self._resolver.port
+        resolver.timeout = self.timeout
+        resolver.lifetime = self.lifetime
+        resolver.cache = None
+        return resolver
 
     @staticmethod
     def _question(name: str, rdtype: dns.rdatatype.RdataType) -> tuple[str, dns.name.Name]:
