@@ -77,40 +77,43 @@ def daemon_config(
     log_level: str = "debug",
     extra: str = "",
     nameservers: Sequence[str] | None = None,
+    settings: Mapping[str, Mapping[str, object]] | None = None,
 ) -> str:
     """A configuration for a daemon asking the bed: its resolver (or ``nameservers``), its CA,
-    loopback policy hosts."""
-    cache = (
-        f'backend = "sqlite"\npath = {_toml(str(cache_path))}'
-        if cache_path is not None
-        else 'backend = "memory"'
-    )
-    profiles = "".join(
-        f"\n[maps.{name}]\ntesting = {_toml(testing)}\n" for name, testing in PROFILES.items()
-    )
-    return f"""\
-listen = {_toml(listen)}
-
-[log]
-level = {_toml(log_level)}
-
-[dns]
-nameservers = {_toml(list(nameservers or bed.resolver_nameservers))}
-timeout = {DNS_TIMEOUT}
-lifetime = {DNS_TIMEOUT * 2}
-
-[https]
-ca_file = {_toml(bed.ca_file)}
-timeout = {HTTPS_TIMEOUT}
-connect_timeout = {HTTPS_TIMEOUT}
-allow_private_addresses = true
-
-[cache]
-{cache}
-
-[policy]
-testing = "notfound"
-{profiles}{extra}"""
+    loopback policy hosts. ``settings`` adds or replaces keys per table
+    (``{"cache": {"max_lookups": 4}}``); ``extra`` is TOML text appended at the end."""
+    tables: dict[str, dict[str, object]] = {
+        "log": {"level": log_level},
+        "dns": {
+            "nameservers": list(nameservers or bed.resolver_nameservers),
+            "timeout": DNS_TIMEOUT,
+            "lifetime": DNS_TIMEOUT * 2,
+        },
+        "https": {
+            "ca_file": bed.ca_file,
+            "timeout": HTTPS_TIMEOUT,
+            "connect_timeout": HTTPS_TIMEOUT,
+            "allow_private_addresses": True,
+        },
+        "cache": (
+            {"backend": "sqlite", "path": str(cache_path)}
+            if cache_path is not None
+            else {"backend": "memory"}
+        ),
+        "policy": {"testing": "notfound"},
+    }
+    tables.update({f"maps.{name}": {"testing": testing} for name, testing in PROFILES.items()})
+    top: dict[str, object] = {"listen": listen}
+    for table, values in (settings or {}).items():
+        if table == "":
+            top.update(values)
+        else:
+            tables.setdefault(table, {}).update(values)
+    lines = [f"{key} = {_toml(value)}" for key, value in top.items()]
+    for table, values in tables.items():
+        lines += ["", f"[{table}]"]
+        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n" + extra
 
 
 def _free_port() -> int:
@@ -223,9 +226,15 @@ def start_daemon(
     sqlite: bool = False,
     extra: str = "",
     nameservers: Sequence[str] | None = None,
+    settings: Mapping[str, Mapping[str, object]] | None = None,
+    wrapper: Sequence[str] = (),
+    user: str | None = None,
 ) -> Daemon:
     """Start a daemon for the bed in ``directory``; fail the test with its log if it does not
-    come up. A port taken between choosing and binding it is retried with another."""
+    come up. A port taken between choosing and binding it is retried with another.
+
+    ``settings``: keys per table, as for :func:`daemon_config`; ``wrapper``: a command the daemon
+    runs under (``["prlimit", "--nofile=256", "--"]``); ``user``: run it as this user."""
     directory.mkdir(parents=True, exist_ok=True)
     socket_path = directory / "mtasts.sock"
     config_path = directory / "config.toml"
@@ -238,12 +247,22 @@ def start_daemon(
             cache_path=directory / "cache.sqlite" if sqlite else None,
             extra=extra,
             nameservers=nameservers,
+            settings=settings,
         )
         config_path.write_text(text)
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "postfix_mtasts", "serve", "-c", str(config_path)],
+                [
+                    *wrapper,
+                    sys.executable,
+                    "-m",
+                    "postfix_mtasts",
+                    "serve",
+                    "-c",
+                    str(config_path),
+                ],
                 cwd=REPO,
+                user=user,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -280,9 +299,21 @@ def running_daemon(
     sqlite: bool = False,
     extra: str = "",
     nameservers: Sequence[str] | None = None,
+    settings: Mapping[str, Mapping[str, object]] | None = None,
+    wrapper: Sequence[str] = (),
+    user: str | None = None,
 ) -> Iterator[Daemon]:
     """A daemon for the duration of the block; it must exit 0 on SIGTERM at the end."""
-    running = start_daemon(bed, directory, sqlite=sqlite, extra=extra, nameservers=nameservers)
+    running = start_daemon(
+        bed,
+        directory,
+        sqlite=sqlite,
+        extra=extra,
+        nameservers=nameservers,
+        settings=settings,
+        wrapper=wrapper,
+        user=user,
+    )
     try:
         yield running
     finally:
