@@ -22,12 +22,13 @@ import pytest
 from postfix_mtasts.store import (
     MAX_POLICY_TEXT,
     CorruptStoreError,
+    ForeignFileError,
     Entry,
     Store,
     StoreError,
     open_store,
 )
-from postfix_mtasts.store.sqlite import SCHEMA_VERSION, move_aside
+from postfix_mtasts.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, move_aside
 
 POLICY = "version: STSv1\nmode: enforce\nmx: mail.example.com\nmx: *.example.net\nmax_age: 86400\n"
 
@@ -280,12 +281,17 @@ def test_several_processes_create_one_new_file_at_once(
     assert len(open_sqlite().entries()) == 8
 
 
-def test_a_file_of_garbage_is_a_corrupt_store_error(tmp_path: Path) -> None:
+def test_a_file_of_garbage_is_refused_and_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "cache.sqlite"
-    path.write_bytes(bytes(range(256)) * 64)
-    with pytest.raises(CorruptStoreError) as caught:
+    garbage = bytes(range(256)) * 64
+    path.write_bytes(garbage)
+    with pytest.raises(ForeignFileError) as caught:
         open_store("sqlite", str(path))
-    assert str(caught.value) == f"{path}: cannot open: file is not a database"
+    assert str(caught.value) == (
+        f"{path}: not a postfix-mtasts cache (not a SQLite database); refusing to use or move it"
+    )
+    assert not isinstance(caught.value, CorruptStoreError)
+    assert path.read_bytes() == garbage
 
 
 def test_a_cache_with_damaged_pages_is_a_corrupt_store_error(
@@ -302,15 +308,23 @@ def test_a_cache_with_damaged_pages_is_a_corrupt_store_error(
         open_sqlite()
 
 
-def test_a_damaged_file_moved_aside_gives_an_empty_cache(tmp_path: Path) -> None:
-    path = tmp_path / "cache.sqlite"
-    path.write_bytes(b"garbage" * 1000)
+def test_a_damaged_cache_moved_aside_gives_an_empty_cache(
+    open_sqlite: Opener, cache_path: str
+) -> None:
+    s = open_sqlite()
+    for i in range(300):
+        s.put(entry(f"d{i}.example"))
+    s.close()
+    with open(cache_path, "r+b") as f:
+        f.seek(4096 * 2)
+        f.write(b"\x55" * 4096 * 4)
+    damaged = Path(cache_path).read_bytes()
     with pytest.raises(CorruptStoreError):
-        open_store("sqlite", str(path))
-    aside = move_aside(str(path))
-    assert aside.startswith(f"{path}.damaged-")
-    assert Path(aside).read_bytes() == b"garbage" * 1000
-    fresh = open_store("sqlite", str(path))
+        open_sqlite()
+    aside = move_aside(cache_path)
+    assert aside.startswith(f"{cache_path}.damaged-")
+    assert Path(aside).read_bytes() == damaged
+    fresh = open_sqlite()
     assert fresh.entries() == []
     fresh.close()
 
@@ -326,8 +340,41 @@ def test_a_sqlite_file_of_another_program_is_refused(tmp_path: Path) -> None:
     raw.execute("CREATE TABLE accounts (name TEXT)")
     raw.commit()
     raw.close()
-    with pytest.raises(CorruptStoreError, match="not a postfix-mtasts cache"):
+    before = path.read_bytes()
+    with pytest.raises(ForeignFileError, match="not a postfix-mtasts cache") as caught:
         open_store("sqlite", str(path))
+    assert "tables accounts" in str(caught.value)
+    assert path.read_bytes() == before
+    assert not Path(f"{path}-wal").exists()
+
+
+def test_a_sqlite_file_marked_by_another_program_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.sqlite"
+    raw = sqlite3.connect(path)
+    raw.execute("PRAGMA application_id = 1234")
+    raw.execute("CREATE TABLE entries (domain TEXT)")
+    raw.commit()
+    raw.close()
+    with pytest.raises(ForeignFileError, match="application_id 0x4d2"):
+        open_store("sqlite", str(path))
+
+
+def test_a_cache_made_before_the_application_id_is_ours_and_gets_it(
+    open_sqlite: Opener, cache_path: str
+) -> None:
+    s = open_sqlite()
+    s.put(entry("old.example"))
+    s.close()
+    raw = sqlite3.connect(cache_path)
+    raw.execute("PRAGMA application_id = 0")
+    raw.commit()
+    raw.close()
+    s = open_sqlite()
+    assert s.get("old.example") == entry("old.example")
+    s.close()
+    raw = sqlite3.connect(cache_path)
+    assert raw.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    raw.close()
 
 
 def test_a_cache_of_a_newer_version_is_refused_and_left_alone(
@@ -432,7 +479,6 @@ def _open_unprivileged(path: str, results: Any) -> None:
     [
         ("cache.sqlite", "cannot open: Permission denied"),
         ("sub/cache.sqlite", "cannot open: {dir}/sub: Permission denied"),
-        ("readonly.sqlite", "cannot open: Permission denied"),
     ],
 )
 def test_an_unwritable_place_is_a_store_error(relative: str, cause: str) -> None:

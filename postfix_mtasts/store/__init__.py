@@ -20,6 +20,7 @@ __all__ = [
     "MAX_POLICY_TEXT",
     "CorruptStoreError",
     "Entry",
+    "ForeignFileError",
     "Store",
     "StoreError",
     "open_store",
@@ -53,7 +54,13 @@ class StoreError(Exception):
 
 
 class CorruptStoreError(StoreError):
-    """The store's file is damaged or not a cache file at all: reopening it will not help."""
+    """The store's file is ours (a postfix-mtasts cache) but damaged: reopening it will not help.
+    Such a file may be moved aside and replaced by an empty cache."""
+
+
+class ForeignFileError(StoreError):
+    """The file is not a postfix-mtasts cache (a text file, another program's database): it is
+    neither used nor moved, whatever state it is in."""
 
 
 def check_entry(entry: Entry, where: str) -> None:
@@ -90,8 +97,9 @@ class Store(Protocol):
         domain later)."""
         ...
 
-    def purge_unused(self, before: float) -> int:
-        """Delete the entries last used before `before`; return how many."""
+    def purge_unused(self, before: float, without_policy_before: float | None = None) -> int:
+        """Delete the entries last used before `before`, and those without a policy_text last
+        used before `without_policy_before`; return how many."""
         ...
 
     def close(self) -> None:
@@ -99,17 +107,21 @@ class Store(Protocol):
         ...
 
 
-def open_store(backend: str, path: str, *, busy_timeout: float = 5.0) -> Store:
+def open_store(
+    backend: str, path: str, *, busy_timeout: float = 5.0, memory_entries: int | None = None
+) -> Store:
     """Open the store named by `backend` ("sqlite" or "memory", as in `cache.backend`).
 
     `path` is the SQLite file (ignored by the memory store); `busy_timeout` is how long an
-    operation on a SQLite file locked by another process waits before it fails.
-    Raises StoreError (CorruptStoreError for a damaged file) when the store cannot be used.
+    operation on a SQLite file locked by another process waits before it fails;
+    `memory_entries` bounds the memory store (None: no bound).
+    Raises StoreError (CorruptStoreError for a damaged cache, ForeignFileError for a file that is
+    not a cache) when the store cannot be used.
     """
     if backend == "memory":
         from postfix_mtasts.store.memory import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(memory_entries)
     if backend == "sqlite":
         from postfix_mtasts.store.sqlite import SqliteStore
 

@@ -1,8 +1,13 @@
 """The memory store: a dict behind a lock. Nothing survives the process; for tests, for
-`cache.backend = "memory"`, and as the fallback when the cache file cannot be used."""
+`cache.backend = "memory"`, and as the fallback when the cache file cannot be used.
+
+It holds at most `max_entries` entries (the daemon passes `cache.memory_domains`): a client that
+asks for millions of names must not grow it without end. At the bound a tenth of the entries go,
+those without a policy first, then the least recently used."""
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Mapping
 from dataclasses import replace
@@ -13,9 +18,10 @@ __all__ = ["MemoryStore"]
 
 
 class MemoryStore:
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int | None = None) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] | None = {}
+        self.max_entries = max_entries
 
     def _open(self) -> dict[str, Entry]:
         if self._entries is None:
@@ -29,7 +35,22 @@ class MemoryStore:
     def put(self, entry: Entry) -> None:
         check_entry(entry, "memory store")
         with self._lock:
-            self._open()[entry.domain] = entry
+            entries = self._open()
+            if (
+                self.max_entries is not None
+                and entry.domain not in entries
+                and len(entries) >= self.max_entries
+            ):
+                self._shrink(entries, max(1, self.max_entries // 10))
+            entries[entry.domain] = entry
+
+    @staticmethod
+    def _shrink(entries: dict[str, Entry], count: int) -> None:
+        doomed = heapq.nsmallest(
+            count, entries.values(), key=lambda e: (e.policy_text is not None, e.last_used)
+        )
+        for entry in doomed:
+            del entries[entry.domain]
 
     def delete(self, domain: str) -> None:
         with self._lock:
@@ -47,10 +68,15 @@ class MemoryStore:
                 if entry is not None and when > entry.last_used:
                     entries[domain] = replace(entry, last_used=when)
 
-    def purge_unused(self, before: float) -> int:
+    def purge_unused(self, before: float, without_policy_before: float | None = None) -> int:
+        negative = before if without_policy_before is None else max(before, without_policy_before)
         with self._lock:
             entries = self._open()
-            unused = [domain for domain, entry in entries.items() if entry.last_used < before]
+            unused = [
+                domain
+                for domain, entry in entries.items()
+                if entry.last_used < (before if entry.policy_text is not None else negative)
+            ]
             for domain in unused:
                 del entries[domain]
             return len(unused)

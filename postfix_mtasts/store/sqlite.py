@@ -14,27 +14,59 @@ accounted for in one place, where per-thread connections would outlive their poo
 Open the store in the process that uses it (after `--daemon` detached and dropped privileges): a
 SQLite connection must not cross a fork.
 
-Failures: every sqlite3 or OS error becomes StoreError("<file>: <what>: <cause>"); a damaged file
-or one that is not a cache is CorruptStoreError, found when opening (`PRAGMA quick_check`) or at
-the first read that meets the damage. The store never deletes a file; `move_aside()` renames a
-damaged one so that the next open starts an empty cache, if the caller chooses to.
+A file that cannot be written (a read-only directory or file system, a full disk) is opened for
+reading: its policies are still answered, and writes fail with StoreError until the file can be
+written again (tried again at most once a minute).
+
+Failures: every sqlite3 or OS error becomes StoreError("<file>: <what>: <cause>"). A file that is
+not a postfix-mtasts cache by its header or schema (a text file, another program's database) is
+ForeignFileError and is never touched; a cache of ours that is damaged is CorruptStoreError, found
+when opening (`PRAGMA quick_check`) or at the first read that meets the damage. The store never
+deletes a file; `move_aside()` renames a damaged cache so that the next open starts an empty one,
+if the caller chooses to.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 
-from postfix_mtasts.store import MAX_POLICY_TEXT, CorruptStoreError, Entry, StoreError, check_entry
+from postfix_mtasts.store import (
+    MAX_POLICY_TEXT,
+    CorruptStoreError,
+    Entry,
+    ForeignFileError,
+    StoreError,
+    check_entry,
+)
 
-__all__ = ["SCHEMA_VERSION", "SqliteStore", "move_aside"]
+__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SqliteStore", "check_ours", "move_aside"]
 
 # PRAGMA user_version of the file. Raise it with a migration in _create_or_migrate().
 SCHEMA_VERSION = 1
+# PRAGMA application_id of the file (the SQLite header's field for "which program's file is
+# this", offset 68): "MTST". Files made before it was set are recognised by their schema.
+APPLICATION_ID = 0x4D545354
+# How often a store opened read-only tries to open its file for writing again.
+WRITE_RETRY_INTERVAL = 60.0
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+# Failures that mean "this file cannot be written here and now" (permissions, a read-only file
+# system, a full disk, an I/O error): the file may still be read.
+_CANNOT_WRITE = ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_PERM")
+_CANNOT_WRITE_ERRNOS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO}
+)
+
+
+class _CannotWrite(StoreError):
+    """The file could not be opened for writing; reading it may still work."""
+
 
 _COLUMNS = (
     "domain",
@@ -61,23 +93,93 @@ _UPSERT = (
 
 
 class SqliteStore:
+    """The cache file at ``path``, opened for reading and writing when it can be, else for reading
+    only (``read_only``): a read-only directory or file system, or a full disk, still gives the
+    daemon every policy the file holds. A read-only store tries to become writable again at most
+    every ``WRITE_RETRY_INTERVAL`` seconds, when something is to be written."""
+
     def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
         self.path = path
+        self._busy_timeout = busy_timeout
         self._lock = threading.Lock()
+        # Why the store is read-only ("" while it is writable), and when to try writing again.
+        self.read_only = ""
+        self._write_retry_at = 0.0
+        check_ours(path)
+        try:
+            self._db: sqlite3.Connection | None = self._open_writable()
+        except _CannotWrite as exc:
+            if not os.path.isfile(path):
+                raise
+            # Read what can be read: a policy in the file must still be applied (RFC 8461 §5).
+            self._db = self._open_read_only(exc)
+            self.read_only = str(exc)
+            self._write_retry_at = time.monotonic() + WRITE_RETRY_INTERVAL
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    def _open_writable(self) -> sqlite3.Connection:
         self._create_file()
         try:
-            self._db: sqlite3.Connection | None = sqlite3.connect(
-                path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            db = sqlite3.connect(
+                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
             raise self._error("cannot open", exc) from exc
         try:
-            self._prepare_when_free(self._db, busy_timeout)
+            self._prepare_when_free(db, self._busy_timeout)
         except BaseException as exc:
-            self._db.close()
+            db.close()
             if isinstance(exc, sqlite3.Error):
                 raise self._error("cannot open", exc) from exc
             raise
+        return db
+
+    def _open_read_only(self, why: StoreError) -> sqlite3.Connection:
+        """The file opened for reading only. A WAL file needs its -shm file to be read; where that
+        cannot be created (a read-only directory, a full disk), the file is read as immutable,
+        which sees no later change by another process: better than no policies at all."""
+        failure: StoreError | None = None
+        for mode in ("mode=ro", "mode=ro&immutable=1"):
+            uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?{mode}"
+            try:
+                db = sqlite3.connect(
+                    uri,
+                    uri=True,
+                    timeout=self._busy_timeout,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+            except sqlite3.Error as exc:
+                failure = self._error("cannot open for reading", exc)
+                continue
+            try:
+                self._check_read_only(db)
+            except sqlite3.Error as exc:
+                db.close()
+                failure = self._error("cannot read", exc)
+                if isinstance(failure, CorruptStoreError):
+                    raise failure from exc
+                continue
+            except BaseException:
+                db.close()
+                raise
+            return db
+        assert failure is not None
+        raise StoreError(f"{why}; {failure}") from failure
+
+    def _check_read_only(self, db: sqlite3.Connection) -> None:
+        # Only what reading needs: the file is ours, sound, and of a schema this version reads.
+        self._check_ours(db)
+        problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise CorruptStoreError(f"{self.path}: damaged: {'; '.join(problems[:3])}")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: cache schema {version}, this version reads {SCHEMA_VERSION}"
+                " (and cannot write the file to change it)"
+            )
 
     def _create_file(self) -> None:
         # The directory 0750 and the file 0640 (SQLite gives its -wal and -shm files the file's
@@ -99,7 +201,8 @@ class SqliteStore:
 
     def _os_error(self, exc: OSError) -> StoreError:
         where = f"{exc.filename}: " if exc.filename and exc.filename != self.path else ""
-        return StoreError(f"{self.path}: cannot open: {where}{exc.strerror or exc}")
+        kind = _CannotWrite if exc.errno in _CANNOT_WRITE_ERRNOS else StoreError
+        return kind(f"{self.path}: cannot open: {where}{exc.strerror or exc}")
 
     def _prepare_when_free(self, db: sqlite3.Connection, busy_timeout: float) -> None:
         # Switching a new file to WAL takes an exclusive lock, and SQLite reports a competing
@@ -116,15 +219,21 @@ class SqliteStore:
             time.sleep(0.02)
 
     def _prepare(self, db: sqlite3.Connection) -> None:
-        # The first statement reads the header: a file that is not SQLite fails here (NOTADB).
+        # Whose file it is comes first: a file that is not ours is not touched, not even by the
+        # switch to WAL. (A file that is not SQLite at all was refused by check_ours().)
+        self._check_ours(db)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         problems = [row[0] for row in db.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise CorruptStoreError(f"{self.path}: damaged: {'; '.join(problems[:3])}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
+        application_id = db.execute("PRAGMA application_id").fetchone()[0]
+        if version != SCHEMA_VERSION or application_id != APPLICATION_ID:
             self._create_or_migrate(db)
+
+    def _check_ours(self, db: sqlite3.Connection) -> None:
+        _judge(db, self.path)
 
     def _create_or_migrate(self, db: sqlite3.Connection) -> None:
         # IMMEDIATE: two daemons starting on a new file create the schema once, one after the other.
@@ -132,11 +241,6 @@ class SqliteStore:
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
-                tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-                if tables:
-                    raise CorruptStoreError(
-                        f"{self.path}: not a postfix-mtasts cache (a SQLite file with other tables)"
-                    )
                 db.execute(
                     """CREATE TABLE entries (
                         domain TEXT PRIMARY KEY NOT NULL,
@@ -157,6 +261,8 @@ class SqliteStore:
                     f"{self.path}: written by a newer postfix-mtasts (cache schema {version},"
                     f" this version knows {SCHEMA_VERSION})"
                 )
+            # Marks the file as ours in its header, where check_ours() reads it.
+            db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -165,15 +271,21 @@ class SqliteStore:
 
     def _error(self, doing: str, exc: sqlite3.Error) -> StoreError:
         name = getattr(exc, "sqlite_errorname", "")
-        damaged = name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
-        return (CorruptStoreError if damaged else StoreError)(f"{self.path}: {doing}: {exc}")
+        kind: type[StoreError] = StoreError
+        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+            kind = CorruptStoreError
+        elif name.startswith(_CANNOT_WRITE):
+            kind = _CannotWrite
+        return kind(f"{self.path}: {doing}: {exc}")
 
     @contextmanager
-    def _connection(self, doing: str) -> Iterator[sqlite3.Connection]:
+    def _connection(self, doing: str, *, writing: bool = False) -> Iterator[sqlite3.Connection]:
         with self._lock:
             db = self._db
             if db is None:
                 raise StoreError(f"{self.path}: {doing}: the store is closed")
+            if writing and self.read_only:
+                db = self._writable_again(doing)
             try:
                 yield db
             except BaseException as exc:
@@ -186,6 +298,24 @@ class SqliteStore:
                     raise self._error(doing, exc) from exc
                 raise
 
+    def _writable_again(self, doing: str) -> sqlite3.Connection:
+        """The connection of a read-only store reopened for writing, when the retry interval
+        has passed and the file can now be written; else StoreError (the lock is held)."""
+        now = time.monotonic()
+        if now < self._write_retry_at:
+            raise StoreError(f"{self.path}: {doing}: opened read-only ({self.read_only})")
+        self._write_retry_at = now + WRITE_RETRY_INTERVAL
+        try:
+            db = self._open_writable()
+        except StoreError as exc:
+            self.read_only = str(exc)
+            raise StoreError(f"{self.path}: {doing}: opened read-only ({exc})") from exc
+        assert self._db is not None
+        self._db.close()
+        self._db = db
+        self.read_only = ""
+        return db
+
     def get(self, domain: str) -> Entry | None:
         with self._connection(f"cannot read {domain}") as db:
             row = db.execute(f"{_SELECT} AND domain = ?", (domain,)).fetchone()
@@ -193,11 +323,11 @@ class SqliteStore:
 
     def put(self, entry: Entry) -> None:
         check_entry(entry, self.path)
-        with self._connection(f"cannot store {entry.domain}") as db:
+        with self._connection(f"cannot store {entry.domain}", writing=True) as db:
             db.execute(_UPSERT, tuple(getattr(entry, column) for column in _COLUMNS))
 
     def delete(self, domain: str) -> None:
-        with self._connection(f"cannot delete {domain}") as db:
+        with self._connection(f"cannot delete {domain}", writing=True) as db:
             db.execute("DELETE FROM entries WHERE domain = ?", (domain,))
 
     def entries(self) -> list[Entry]:
@@ -208,7 +338,9 @@ class SqliteStore:
     def touch(self, last_used: Mapping[str, float]) -> None:
         if not last_used:
             return
-        with self._connection(f"cannot update last use of {len(last_used)} domains") as db:
+        with self._connection(
+            f"cannot update last use of {len(last_used)} domains", writing=True
+        ) as db:
             # One transaction: one commit for the batch instead of one per domain.
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
@@ -217,9 +349,14 @@ class SqliteStore:
             )
             db.execute("COMMIT")
 
-    def purge_unused(self, before: float) -> int:
-        with self._connection("cannot purge unused entries") as db:
-            return db.execute("DELETE FROM entries WHERE last_used < ?", (before,)).rowcount
+    def purge_unused(self, before: float, without_policy_before: float | None = None) -> int:
+        negative = before if without_policy_before is None else max(before, without_policy_before)
+        with self._connection("cannot purge unused entries", writing=True) as db:
+            return db.execute(
+                "DELETE FROM entries WHERE last_used < ?"
+                " OR (policy_text IS NULL AND last_used < ?)",
+                (before, negative),
+            ).rowcount
 
     def close(self) -> None:
         with self._lock:
@@ -256,6 +393,73 @@ def _entry(row: tuple[object, ...]) -> Entry | None:
         last_used=last_used,
         last_error=error,
         backoff_until=until,
+    )
+
+
+def check_ours(path: str) -> None:
+    """Raise ForeignFileError when the file at ``path`` exists and is not a postfix-mtasts cache:
+    not a SQLite database at all, one another program marked as its own (application_id), or one
+    with tables that are not ours. Changes nothing (the file is read as immutable: no lock, no
+    -wal or -shm file); a missing or empty file is a cache to be created, and a file that cannot
+    be read is left to the open to report."""
+    try:
+        with open(path, "rb") as file:
+            header = file.read(100)
+    except OSError:
+        return
+    if not header:
+        return
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        raise ForeignFileError(
+            f"{path}: not a postfix-mtasts cache (not a SQLite database); refusing to use or"
+            " move it"
+        )
+    application_id = int.from_bytes(header[68:72], "big")
+    if application_id == APPLICATION_ID:
+        return  # ours by its header, whatever state the rest is in
+    if application_id != 0:
+        raise ForeignFileError(
+            f"{path}: not a postfix-mtasts cache (a SQLite database of another program,"
+            f" application_id {application_id:#x}); refusing to use or move it"
+        )
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro&immutable=1"
+    try:
+        db = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error:
+        return
+    try:
+        _judge(db, path)
+    except sqlite3.Error as exc:
+        # Unmarked and unreadable: nothing says it is ours, so it is not ours to move aside.
+        if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+            raise ForeignFileError(
+                f"{path}: not a postfix-mtasts cache (a damaged SQLite file without our mark:"
+                f" {exc}); refusing to use or move it"
+            ) from exc
+    finally:
+        db.close()
+
+
+def _judge(db: sqlite3.Connection, path: str) -> None:
+    """Refuse a SQLite file that is not a postfix-mtasts cache (ForeignFileError)."""
+    application_id = db.execute("PRAGMA application_id").fetchone()[0]
+    if application_id == APPLICATION_ID:
+        return
+    if application_id != 0:
+        raise ForeignFileError(
+            f"{path}: not a postfix-mtasts cache (a SQLite database of another program,"
+            f" application_id {application_id:#x}); refusing to use or move it"
+        )
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    if not tables:
+        return  # an empty database: a new cache
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    # Caches written before the application_id was set: a schema version and our table.
+    if version >= 1 and "entries" in tables:
+        return
+    raise ForeignFileError(
+        f"{path}: not a postfix-mtasts cache (a SQLite database with tables"
+        f" {', '.join(sorted(tables)[:5])}); refusing to use or move it"
     )
 
 
