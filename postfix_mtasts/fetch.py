@@ -18,7 +18,9 @@ than ``requests.get(url)``:
 - No proxy and no CA bundle from the environment (``https_proxy``, ``REQUESTS_CA_BUNDLE``); a proxy
   only when one is configured. No HTTP cache (§3.3) — requests keeps none.
 
-Every failure is a ``FetchError`` whose message names the URL and the cause in plain words.
+Every failure is a ``FetchError`` whose message names the URL and the cause in plain words, but for
+one kind: when this machine ran out of something the fetch needs (file descriptors, buffers), the
+error is the resolver's ``LocalError``, which says nothing about the policy host.
 A ``Fetcher`` is safe to share between threads: its requests adapter and its TLS context, with
 the trust anchors, are built once and shared.
 """
@@ -41,7 +43,14 @@ import urllib3.response
 import urllib3.util
 
 from postfix_mtasts import __version__
-from postfix_mtasts.resolver import AddressOutcome, DNSNotFound, DNSTemporaryError, Resolver
+from postfix_mtasts.resolver import (
+    AddressOutcome,
+    DNSNotFound,
+    DNSTemporaryError,
+    LocalError,
+    Resolver,
+    local_cause,
+)
 
 __all__ = [
     "MAX_POLICY_SIZE",
@@ -276,10 +285,37 @@ def _plain_cause(exc: BaseException) -> str:
     return str(innermost) or type(innermost).__name__
 
 
+# RFC 6052 §2.1: the NAT64 well-known prefix, IPv4 address in the last 32 bits. Its local-use
+# sibling 64:ff9b:1::/48 (RFC 8215) places the IPv4 address where each network decides, so it
+# cannot be read back and stays refused as the non-global prefix it is.
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+# RFC 4291 §2.5.5.1: IPv4-compatible addresses (deprecated), ::a.b.c.d. It also holds :: and ::1,
+# which embed 0.0.0.0 and 0.0.0.1 and are refused as such.
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses an IPv6 address carries packets to, or () when it embeds none."""
+    if address.ipv4_mapped is not None:  # RFC 4291 §2.5.5.2: ::ffff:a.b.c.d
+        return (address.ipv4_mapped,)
+    if address.sixtofour is not None:  # RFC 3056: 2002:AABB:CCDD::/48, a relay delivers it
+        return (address.sixtofour,)
+    if address.teredo is not None:  # RFC 4380: the server relays, the client receives
+        return address.teredo
+    if address in _NAT64_WELL_KNOWN or address in _IPV4_COMPATIBLE:
+        return (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),)
+    return ()
+
+
 def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        # ::ffff:10.0.0.1 reaches 10.0.0.1.
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        # A form that embeds IPv4 reaches the IPv4 address it embeds (2002:7f00:1:: is
+        # 127.0.0.1 through a 6to4 relay), so that address decides, whatever the IPv6 prefix's
+        # own class (which also differs between Python versions: 2002::/16 is global in 3.11,
+        # not in 3.13). Teredo involves two: both must be public.
+        embedded = _embedded_ipv4(address)
+        if embedded:
+            return all(_is_public(ipv4) for ipv4 in embedded)
     # is_global alone lets multicast through, hence the explicit list.
     return address.is_global and not (
         address.is_loopback
@@ -466,6 +502,10 @@ class Fetcher:
             response.close()
 
     def _request_failed(self, url: str, address: str, exc: Exception, deadline: float) -> Exception:
+        local = local_cause(exc)
+        if local is not None:
+            # This machine could not make the request: nothing is known about the policy host.
+            return LocalError(f"{url}: not fetched: {local.strerror or local}")
         verify_error = _find(exc, ssl.SSLCertVerificationError)
         if isinstance(verify_error, ssl.SSLCertVerificationError):
             reason = verify_error.verify_message or verify_error.reason or str(verify_error)
@@ -537,6 +577,9 @@ class Fetcher:
             try:
                 chunk = raw.read1(wanted, decode_content=False)
             except (urllib3.exceptions.HTTPError, OSError) as exc:
+                local = local_cause(exc)
+                if local is not None:
+                    raise LocalError(f"{url}: not fetched: {local.strerror or local}") from exc
                 if time.monotonic() >= deadline or _find(exc, TimeoutError) is not None:
                     raise FetchError(
                         f"{url}: timed out: policy incomplete after {float(self.timeout)}s "

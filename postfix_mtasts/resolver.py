@@ -25,6 +25,7 @@ loop that uses them).
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import re
 import socket
@@ -49,8 +50,10 @@ __all__ = [
     "AddressOutcome",
     "DNSNotFound",
     "DNSTemporaryError",
+    "LocalError",
     "Resolver",
     "SecureAnswer",
+    "local_cause",
     "parse_nameserver",
 ]
 
@@ -74,6 +77,41 @@ class DNSNotFound(Exception):
 
 class DNSTemporaryError(Exception):
     """No usable answer: SERVFAIL, REFUSED, a timeout, no nameserver answered, a malformed reply."""
+
+
+class LocalError(Exception):
+    """This machine ran out of something a lookup needs (file descriptors, buffers, memory, a
+    thread). Unlike ``DNSTemporaryError`` it says nothing about the domain asked for: callers
+    must not remember it as the domain's state."""
+
+
+# errno values that mean "this process or system ran out of something", not "the network said".
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def local_cause(exc: BaseException) -> OSError | None:
+    """The local resource failure behind ``exc`` (itself, a chained cause, or one of the errors
+    dnspython collected per nameserver), or None when ``exc`` is about the remote side."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in LOCAL_ERRNOS:
+            return current
+        if isinstance(current, dns.exception.DNSException):
+            # NoNameservers and LifetimeTimeout keep what each nameserver did: (server, tcp,
+            # port, error, response).
+            for error in current.kwargs.get("errors", ()):
+                if isinstance(error[3], BaseException):
+                    pending.append(error[3])
+        pending.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                pending.append(linked)
+    return None
 
 
 # What an A query already made came to: the addresses, or the error it raised (None: not made).
@@ -361,6 +399,8 @@ class Resolver:
                 reply = _exchange(wire, query.id, address, port, min(self.timeout, remaining))
                 response = dns.message.from_wire(reply, continue_on_error=True)
             except (OSError, dns.exception.DNSException) as exc:
+                if local_cause(exc) is not None:
+                    self._temporary(question, exc)
                 failures.append(f"{_socket_error(exc)} from {where}")
                 continue
             rcode = response.rcode()
@@ -389,7 +429,11 @@ class Resolver:
             return False
 
     def _temporary(self, question: str, exc: BaseException) -> NoReturn:
-        """Raise the ``DNSTemporaryError`` for a failed query (shared by the query methods)."""
+        """Raise the ``DNSTemporaryError`` for a failed query (shared by the query methods), or
+        ``LocalError`` when this machine, not the network, failed it."""
+        local = local_cause(exc)
+        if local is not None:
+            raise LocalError(f"{question}: not asked: {local.strerror or local}") from exc
         if isinstance(exc, dns.resolver.NoNameservers):
             errors = exc.kwargs.get("errors", [])
             cause = _describe_errors(errors) or "no nameserver answered"
@@ -420,14 +464,28 @@ class Resolver:
         ``DNSNotFound`` and ``DNSTemporaryError`` (in :meth:`_next_name`).
         """
         question, qname = self._question(name, rdtype)
+        # One lifetime for the question, however many CNAME hops it takes: each hop must not
+        # start the clock again, or a slow chain holds a lookup for hops x lifetime.
+        deadline = time.monotonic() + self.lifetime
         for _ in range(_MAX_CNAME_QUERIES):
             try:
-                answer = self._resolver.resolve(qname, rdtype, search=False)
+                answer = self._resolver.resolve(
+                    qname, rdtype, search=False, lifetime=self._left(deadline, question)
+                )
             except Exception as exc:
                 qname = self._next_name(exc, question, qname, name, rdtype)
                 continue
             return self._rrset(answer, question, rdtype)
         raise DNSTemporaryError(f"{question}: CNAME chain longer than {_MAX_CNAME_QUERIES} queries")
+
+    def _left(self, deadline: float, question: str) -> float:
+        """What is left of a question's lifetime; ``DNSTemporaryError`` when nothing is."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DNSTemporaryError(
+                f"{question}: timed out after {float(self.lifetime)}s (CNAME chain not resolved)"
+            )
+        return left
 
     async def _query_async(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.rrset.RRset:
         """:meth:`_query` on the running asyncio loop, with the same answers and errors.
@@ -439,20 +497,20 @@ class Resolver:
         lifetime.
         """
         question, qname = self._question(name, rdtype)
+        # One lifetime for the whole question, CNAME hops included (see _query).
+        deadline = time.monotonic() + self.lifetime
         for _ in range(_MAX_CNAME_QUERIES):
-            deadline = time.monotonic() + self.lifetime
             try:
                 timed_out = False
                 try:
-                    rrset = await self._first_try(qname, rdtype)
+                    rrset = await self._first_try(qname, rdtype, self._left(deadline, question))
                 except TimeoutError:
                     rrset, timed_out = None, True
                 if rrset is None:
                     # After a timeout the other nameservers are asked first, as dnspython
                     # itself would go on to the next one.
-                    left = max(deadline - time.monotonic(), 0.001)
                     answer = await self._async_resolver(timed_out).resolve(
-                        qname, rdtype, search=False, lifetime=left
+                        qname, rdtype, search=False, lifetime=self._left(deadline, question)
                     )
                     rrset = self._rrset(answer, question, rdtype)
             except Exception as exc:
@@ -462,7 +520,7 @@ class Resolver:
         raise DNSTemporaryError(f"{question}: CNAME chain longer than {_MAX_CNAME_QUERIES} queries")
 
     async def _first_try(
-        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
+        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, left: float
     ) -> dns.rrset.RRset | None:
         """One UDP exchange with the first nameserver, on the loop's own socket readiness.
 
@@ -496,12 +554,18 @@ class Resolver:
                 # Connected: the kernel drops datagrams from any other address and port.
                 sock.connect((address, port))
                 sock.send(request.to_wire())
-                async with asyncio.timeout(min(self.timeout, self.lifetime)):
+                async with asyncio.timeout(min(self.timeout, left)):
                     wire = await loop.sock_recv(sock, _MAX_UDP_REPLY)
             response = dns.message.from_wire(wire)
         except TimeoutError:
             raise
-        except (OSError, dns.exception.DNSException):
+        except OSError as exc:
+            if exc.errno in LOCAL_ERRNOS:
+                raise LocalError(
+                    f"{qname} {dns.rdatatype.to_text(rdtype)}: not asked: {exc.strerror or exc}"
+                ) from exc
+            return None
+        except dns.exception.DNSException:
             return None
         if not isinstance(response, dns.message.QueryMessage):
             return None

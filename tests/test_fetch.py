@@ -8,6 +8,7 @@ Host header, SNI and headers of each request, and answers per host as the scenar
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import ssl
 import threading
@@ -26,6 +27,7 @@ from postfix_mtasts.fetch import (
     Fetcher,
     FetchError,
     HTTPStatusError,
+    _is_public,
 )
 from postfix_mtasts.resolver import DNSNotFound, Resolver
 
@@ -314,6 +316,11 @@ def test_private_address_is_refused_without_connecting(bed: Bed, resolver: Resol
         ("AAAA", "ff02::1"),  # multicast
         ("AAAA", "::ffff:10.1.2.3"),  # IPv4-mapped private
         ("AAAA", "2001:db8::1"),  # documentation
+        # IPv6 forms that embed a loopback or private IPv4 address: judged by what they embed.
+        ("AAAA", "2002:a01:203::"),  # 6to4 of 10.1.2.3
+        ("AAAA", "64:ff9b::7f00:1"),  # NAT64 of 127.0.0.1
+        ("AAAA", "::127.0.0.1"),  # IPv4-compatible 127.0.0.1
+        ("AAAA", "2001:0:4136:e378:8000:63bf:f5fe:fefe"),  # Teredo, client 10.1.1.1
     ],
 )
 def test_non_public_addresses_are_refused(
@@ -324,6 +331,81 @@ def test_non_public_addresses_are_refused(
     bed.dns_set(host, rtype, [address])
     with pytest.raises(FetchError, match=r"is not public \(set allow_private_addresses to allow\)"):
         fetcher.get(host)
+
+
+def test_6to4_address_of_loopback_is_refused_without_connecting(
+    bed: Bed, resolver: Resolver
+) -> None:
+    # 2002:7f00:1:: is 6to4 for 127.0.0.1 (RFC 3056): a relay would deliver it to loopback.
+    fetcher = Fetcher(
+        resolver, ca_file=bed.ca_file, timeout=DEADLINE, allow_private_addresses=False
+    )
+    host = f"mta-sts.{bed.unique_domain('sixtofour')}"
+    bed.dns_set(host, "AAAA", ["2002:7f00:1::"])
+    with pytest.raises(FetchError) as raised:
+        fetcher.get(host)
+    assert str(raised.value) == (
+        f"{url_of(host)}: address 2002:7f00:1:: is not public "
+        "(set allow_private_addresses to allow)"
+    )
+
+
+def _teredo(server: str, client: str) -> str:
+    """The Teredo address (RFC 4380 §4) of a client behind ``client`` using ``server``: the
+    prefix 2001::/32, the server's IPv4 address, then the client's with every bit inverted."""
+    value = (0x20010000 << 96) | (int(ipaddress.IPv4Address(server)) << 64)
+    return str(ipaddress.IPv6Address(value | (int(ipaddress.IPv4Address(client)) ^ 0xFFFFFFFF)))
+
+
+# An address, and whether the fetch may connect to it without allow_private_addresses.
+ADDRESSES: list[tuple[str, bool]] = [
+    ("192.0.2.1", False),  # documentation
+    ("8.8.8.8", True),
+    ("127.0.0.1", False),
+    ("10.1.2.3", False),
+    ("2001:4860:4860::8888", True),
+    ("::1", False),
+    ("::", False),
+    ("fe80::1", False),
+    # IPv4-mapped (RFC 4291 §2.5.5.2).
+    ("::ffff:8.8.8.8", True),
+    ("::ffff:127.0.0.1", False),
+    ("::ffff:10.1.2.3", False),
+    ("::ffff:169.254.169.254", False),
+    # IPv4-compatible (RFC 4291 §2.5.5.1, deprecated): ::/96.
+    ("::8.8.8.8", True),
+    ("::127.0.0.1", False),
+    ("::192.168.1.1", False),
+    # 6to4 (RFC 3056): 2002:V4ADDR::/48.
+    ("2002:808:808::", True),
+    ("2002:808:808:1:2:3:4:5", True),
+    ("2002:7f00:1::", False),  # 127.0.0.1
+    ("2002:a01:203::1", False),  # 10.1.2.3
+    ("2002:c0a8:101::", False),  # 192.168.1.1
+    ("2002:a9fe:a9fe::", False),  # 169.254.169.254
+    ("2002:6440:1::", False),  # 100.64.0.1, shared address space
+    ("2002:e000:1::", False),  # 224.0.0.1, multicast
+    # NAT64 well-known prefix (RFC 6052 §2.1): 64:ff9b::/96.
+    ("64:ff9b::808:808", True),
+    ("64:ff9b::8.8.4.4", True),
+    ("64:ff9b::7f00:1", False),
+    ("64:ff9b::10.1.2.3", False),
+    ("64:ff9b::192.168.1.1", False),
+    ("64:ff9b::0.0.0.0", False),
+    # RFC 8215's local-use NAT64 prefix embeds IPv4 where the network says: never public.
+    ("64:ff9b:1::808:808", False),
+    # Teredo (RFC 4380): both the server and the client must be public.
+    (_teredo("65.54.227.120", "8.8.8.8"), True),
+    (_teredo("65.54.227.120", "127.0.0.1"), False),
+    (_teredo("65.54.227.120", "192.168.1.1"), False),
+    (_teredo("10.0.0.1", "8.8.8.8"), False),
+    (_teredo("127.0.0.1", "8.8.8.8"), False),
+]
+
+
+@pytest.mark.parametrize(("text", "public"), ADDRESSES)
+def test_embedded_ipv4_is_judged_by_the_address_it_embeds(text: str, public: bool) -> None:
+    assert _is_public(ipaddress.ip_address(text)) is public
 
 
 def test_host_without_address_is_a_fetch_error_naming_the_dns_answer(fetcher: Fetcher) -> None:
