@@ -25,6 +25,17 @@ EXIT_NO_POLICY = 1
 EXIT_TEMPORARY = 2
 
 
+def _seconds(text: str) -> float:
+    """A timeout given on the command line: more than 0, at most 300 seconds (as in the file)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 300:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected more than 0 and at most 300 seconds")
+    return value
+
+
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c",
@@ -73,10 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST[:PORT]",
         help="DNS server to ask (repeatable; overrides dns.nameservers)",
     )
-    query.add_argument("--dns-timeout", type=float, metavar="SECONDS", help="per-query DNS timeout")
+    query.add_argument(
+        "--dns-timeout", type=_seconds, metavar="SECONDS", help="per-query DNS timeout (0-300)"
+    )
     query.add_argument("--ca-file", metavar="PEM", help="CA certificates for the policy fetch")
     query.add_argument(
-        "--https-timeout", type=float, metavar="SECONDS", help="total deadline of the policy fetch"
+        "--https-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="total deadline of the policy fetch (0-300)",
     )
     query.add_argument(
         "--allow-private-addresses",
@@ -127,11 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _load_config(args: argparse.Namespace) -> Config | None:
+def _load_config(args: argparse.Namespace, *, daemon_files: bool = True) -> Config | None:
     from postfix_mtasts import config
 
     try:
-        return config.load(args.config)
+        return config.load(args.config, daemon_files=daemon_files)
     except config.ConfigError as exc:
         print(f"postfix-mtasts: {exc}", file=sys.stderr)
         return None
@@ -176,13 +192,15 @@ def _query(args: argparse.Namespace) -> int:
     if not args.keys:
         print("postfix-mtasts query: give at least one DOMAIN (or --socketmap)", file=sys.stderr)
         return EXIT_TEMPORARY
-    settings = _load_config(args)
+    # The query tool opens neither the daemon's log file nor its cache.
+    settings = _load_config(args, daemon_files=False)
     if settings is None:
         return EXIT_TEMPORARY
 
     from dataclasses import replace
 
     from postfix_mtasts import dane, mtasts, postfix, service
+    from postfix_mtasts.resolver import LocalError
 
     # The command line's options over the configuration's, then the daemon's own wiring.
     dns, https = settings.dns, settings.https
@@ -216,8 +234,14 @@ def _query(args: argparse.Namespace) -> int:
             # Keys the daemon answers at once without a lookup ([host], .parent, IP addresses).
             status = _print_key_without_policy(key, postfix.NOTFOUND, args.json)
         else:
-            verdict = dane.evaluate(domain, resolver) if use_dane else None
-            result = mtasts.get(domain, resolver, fetcher)
+            try:
+                verdict = dane.evaluate(domain, resolver) if use_dane else None
+                result = mtasts.get(domain, resolver, fetcher)
+            except LocalError as exc:
+                # This machine, not the domain, failed the lookup: nothing to say about it.
+                print(f"postfix-mtasts query: {domain}: {exc}", file=sys.stderr)
+                worst = max(worst, EXIT_TEMPORARY)
+                continue
             answer = (verdict and postfix.dane_reply(verdict)) or postfix.policy_reply(
                 result.policy, profile, domain, result.policy_text
             )

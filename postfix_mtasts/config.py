@@ -6,6 +6,12 @@ does not know, a value of the wrong type or out of range, is a `ConfigError` who
 file, the dotted key and the cause, so `postfix-mtasts check-config` can tell a postmaster exactly
 what to fix. `dump()` writes the effective settings back as TOML that `load()` accepts.
 
+A value that cannot work is refused here, not found out later by the daemon: every duration and
+count has an upper bound as well as a lower one, and the files the daemon will open (the CA file,
+the log file) are tried now, by the process reading the configuration, the way the daemon opens
+them. `check-config` and `serve` both read the file through `load()`, so what one accepts the
+other can start with.
+
 docs/configuration.md is the reference of every key; keep the two in step.
 """
 
@@ -14,6 +20,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import ssl
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,6 +58,34 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 
 # Postfix waits up to 100 s for a socketmap reply (socketmap_table(5)); a later answer is lost.
 POSTFIX_TIMEOUT = 100.0
+
+# --- Upper bounds. None is unbounded: past each bound a value no longer does what its key is for,
+# and a huge one breaks the arithmetic it feeds (https.timeout = 1e10 made every fetch fail with an
+# OverflowError in the socket layer).
+
+# Postfix's clients close a socketmap connection after 10 s idle (built in); an idle connection
+# kept much longer only holds a slot that another client could use. An hour is ample.
+MAX_IDLE_TIMEOUT = 3600.0
+# One DNS query or question, one policy fetch or connection. No request waits past Postfix's
+# 100 s; a longer network wait serves only a background lookup, holding a lookup slot
+# (cache.max_lookups) all the while. Five times RFC 8461 §3.3's suggested one minute for a fetch.
+MAX_NETWORK_TIMEOUT = 300.0
+# RFC 8461 §3.2: max_age is at most 31557600 s (one year), so no policy lives longer; an interval
+# of the cache (a check, a refresh, a remembered absence, a retry) need not be longer either.
+MAX_CACHE_INTERVAL = 31557600.0
+# Ten years without a use: past that an entry is history, not cache, and a longer bound would let
+# the store keep every domain ever asked for (about 2 KB each, issue 10) for good.
+MAX_UNUSED_AFTER = 10 * MAX_CACHE_INTERVAL
+# Each connection is a file descriptor and buffers; a Postfix runs at most default_process_limit
+# (100) smtp processes, each with one connection, so 100000 leaves room for a fleet behind one port.
+MAX_CONNECTIONS = 100000
+# Each running lookup holds sockets (DNS, HTTPS) and a worker; beyond 10000 the daemon would run
+# out of file descriptors (issue 10: local exhaustion must never become a verdict on a domain).
+MAX_LOOKUPS = 10000
+# About 2 KB of memory per domain held (issue 10): 10 million is some 20 GB. Below 1000 the memory
+# front would keep reading a small site's everyday domains back from the store.
+MIN_MEMORY_DOMAINS = 1000
+MAX_MEMORY_DOMAINS = 10000000
 
 
 class ConfigError(Exception):
@@ -119,6 +155,12 @@ class CacheConfig:
     # RFC 8461 §3.3: after a failed fetch, at most one attempt per domain and id every five minutes.
     fetch_retry_interval: float = 300.0
     first_lookup_deadline: float = 30.0
+    # The most network lookups (DNS and HTTPS of one policy domain) running at once; more wait
+    # their turn within first_lookup_deadline.
+    max_lookups: int = 100
+    # The most policy domains held in memory: beyond it, domains without a policy are dropped
+    # first, then the least recently used, which are read back from the store when asked again.
+    memory_domains: int = 200000
 
 
 @dataclass(frozen=True)
@@ -156,11 +198,13 @@ class Config:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def load(path: str | None) -> Config:
+def load(path: str | None, *, daemon_files: bool = True) -> Config:
     """Read and validate the file at `path`.
 
     None (no -c FILE): DEFAULT_PATH when it exists, else the built-in defaults. A path given
-    explicitly must exist.
+    explicitly must exist. `daemon_files`: also try the files only a starting daemon opens (the
+    log file, the cache file); `query` and a reload (SIGHUP, maybe after dropping privileges,
+    where a log file that cannot be reopened keeps the old one) do without.
     """
     if path is None:
         if not os.path.exists(DEFAULT_PATH):
@@ -176,22 +220,27 @@ def load(path: str | None) -> Config:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{path}: line {line}: not valid UTF-8") from exc
-    return loads(text, source=path)
+    return loads(text, source=path, daemon_files=daemon_files)
 
 
-def loads(text: str, source: str = "<string>") -> Config:
-    """Validate TOML text; `source` names it in error messages."""
+def loads(text: str, source: str = "<string>", *, daemon_files: bool = True) -> Config:
+    """Validate TOML text; `source` names it in error messages (`daemon_files`: see load)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # The message ends "(at line N, column M)".
         raise ConfigError(f"{source}: TOML syntax error: {exc}") from exc
-    return _parse(_Table(data, "", source))
+    except RecursionError as exc:
+        # tomllib parses nested arrays and inline tables recursively; no key of ours nests.
+        raise ConfigError(f"{source}: arrays or inline tables nested too deep") from exc
+    return _parse(_Table(data, "", source), daemon_files)
 
 
-def _parse(top: _Table) -> Config:
+def _parse(top: _Table, daemon_files: bool = True) -> Config:
     d = Config()
     listen = top.strings("listen", d.listen)
+    if not listen:
+        top.fail("listen", 'expected at least one listener; use "systemd" for socket activation')
     for i, spec in enumerate(listen):
         try:
             parse_listener(spec)
@@ -201,9 +250,13 @@ def _parse(top: _Table) -> Config:
     t = top.table("server")
     s = d.server
     server = ServerConfig(
-        max_connections=t.integer("max_connections", s.max_connections, minimum=1),
-        idle_timeout=t.seconds("idle_timeout", s.idle_timeout),
-        request_timeout=t.seconds("request_timeout", s.request_timeout),
+        max_connections=t.integer(
+            "max_connections", s.max_connections, minimum=1, maximum=MAX_CONNECTIONS
+        ),
+        idle_timeout=t.seconds("idle_timeout", s.idle_timeout, at_most=MAX_IDLE_TIMEOUT),
+        request_timeout=t.seconds(
+            "request_timeout", s.request_timeout, below=POSTFIX_TIMEOUT, why=_POSTFIX_GIVES_UP
+        ),
         socket_mode=t.file_mode("socket_mode", s.socket_mode),
         socket_owner=t.string("socket_owner", s.socket_owner),
         socket_group=t.string("socket_group", s.socket_group),
@@ -223,6 +276,8 @@ def _parse(top: _Table) -> Config:
         ),
         file=t.path("file", lg.file),
     )
+    if log.file and daemon_files:
+        _check_log_file(t, "file", log.file)
     t.close()
 
     t = top.table("dns")
@@ -235,22 +290,25 @@ def _parse(top: _Table) -> Config:
             t.fail(f"nameservers[{i}]", str(exc))
     dns = DnsConfig(
         nameservers=nameservers,
-        timeout=t.seconds("timeout", dn.timeout),
-        lifetime=t.seconds("lifetime", dn.lifetime),
+        timeout=t.seconds("timeout", dn.timeout, at_most=MAX_NETWORK_TIMEOUT),
+        lifetime=t.seconds("lifetime", dn.lifetime, at_most=MAX_NETWORK_TIMEOUT),
     )
     t.close()
 
     t = top.table("https")
     h = d.https
     ca_file = t.path("ca_file", h.ca_file)
-    # A CA file that is not there would fail every fetch, and every domain would silently fall
-    # back to "no policy" (RFC 8461 fails open): refuse it now rather than at the first fetch.
-    if ca_file and not os.path.isfile(ca_file):
-        t.fail("ca_file", f"{_show(ca_file)}: no such file")
+    # A CA file that is not there, or holds no certificate, would fail every fetch, and every
+    # domain would silently fall back to "no policy" (RFC 8461 fails open): refuse it now rather
+    # than at the first fetch.
+    if ca_file:
+        _check_ca_file(t, "ca_file", ca_file)
     https = HttpsConfig(
         ca_file=ca_file,
-        timeout=t.seconds("timeout", h.timeout),
-        connect_timeout=t.seconds("connect_timeout", h.connect_timeout),
+        timeout=t.seconds("timeout", h.timeout, at_most=MAX_NETWORK_TIMEOUT),
+        connect_timeout=t.seconds(
+            "connect_timeout", h.connect_timeout, at_most=MAX_NETWORK_TIMEOUT
+        ),
         allow_private_addresses=t.boolean("allow_private_addresses", h.allow_private_addresses),
         proxy=t.proxy_url("proxy", h.proxy),
     )
@@ -261,15 +319,35 @@ def _parse(top: _Table) -> Config:
     cache = CacheConfig(
         backend=t.choice("backend", c.backend, get_args(Backend)),
         path=t.path("path", c.path, required=True),
-        txt_check_interval=t.seconds("txt_check_interval", c.txt_check_interval, zero=True),
-        refresh_interval=t.seconds("refresh_interval", c.refresh_interval),
-        unused_after=t.seconds("unused_after", c.unused_after),
-        no_record_ttl=t.seconds("no_record_ttl", c.no_record_ttl, zero=True),
-        fetch_retry_interval=t.seconds("fetch_retry_interval", c.fetch_retry_interval, zero=True),
+        txt_check_interval=t.seconds(
+            "txt_check_interval", c.txt_check_interval, zero=True, at_most=MAX_CACHE_INTERVAL
+        ),
+        refresh_interval=t.seconds(
+            "refresh_interval", c.refresh_interval, at_most=MAX_CACHE_INTERVAL
+        ),
+        unused_after=t.seconds("unused_after", c.unused_after, at_most=MAX_UNUSED_AFTER),
+        no_record_ttl=t.seconds(
+            "no_record_ttl", c.no_record_ttl, zero=True, at_most=MAX_CACHE_INTERVAL
+        ),
+        fetch_retry_interval=t.seconds(
+            "fetch_retry_interval", c.fetch_retry_interval, zero=True, at_most=MAX_CACHE_INTERVAL
+        ),
         first_lookup_deadline=t.seconds(
-            "first_lookup_deadline", c.first_lookup_deadline, below=POSTFIX_TIMEOUT
+            "first_lookup_deadline",
+            c.first_lookup_deadline,
+            below=POSTFIX_TIMEOUT,
+            why=_POSTFIX_GIVES_UP,
+        ),
+        max_lookups=t.integer("max_lookups", c.max_lookups, minimum=1, maximum=MAX_LOOKUPS),
+        memory_domains=t.integer(
+            "memory_domains",
+            c.memory_domains,
+            minimum=MIN_MEMORY_DOMAINS,
+            maximum=MAX_MEMORY_DOMAINS,
         ),
     )
+    if cache.backend == "sqlite" and daemon_files:
+        _check_cache_file(t, "path", cache.path)
     t.close()
 
     t = top.table("policy")
@@ -317,6 +395,120 @@ def _profile(t: _Table, fallback: Profile) -> Profile:
     )
 
 
+_POSTFIX_GIVES_UP = f"Postfix gives up on a reply after {POSTFIX_TIMEOUT:.0f} s"
+_PEM_LABEL = re.compile(r"-----BEGIN ([^-\r\n]*)-----")
+_SSL_SOURCE_LINE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
+
+
+def _check_ca_file(t: _Table, key: str, path: str) -> None:
+    """Refuse a CA file the policy fetch cannot use: not a readable file, not ASCII PEM, or
+    without a certificate that the ssl module loads as a trust anchor.
+
+    The check is the fetch's own way of loading it (fetch.Fetcher reads the file as ASCII and
+    hands it to SSLContext.load_verify_locations as PEM text), so a file accepted here loads
+    there; the message says what the file holds instead.
+    """
+    # In full, unlike _show(): a path cut short would not say which file is meant.
+    shown = _toml_string(path)
+    expected = "expected PEM CA certificates"
+    if not os.path.exists(path):
+        t.fail(key, f"{shown}: no such file")
+    if not os.path.isfile(path):
+        t.fail(key, f"{shown}: not a regular file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        t.fail(key, f"{shown}: cannot read: {exc.strerror or exc}")
+    if not data.strip():
+        t.fail(key, f"{shown}: the file is empty; {expected}")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError as exc:
+        try:
+            utf8 = data.decode("utf-8")
+        except UnicodeDecodeError:
+            utf8 = "\0"
+        if "\0" in utf8:
+            # A DER certificate is the usual binary CA file.
+            found = "binary data, not PEM text (DER? openssl x509 -inform der converts it)"
+        else:
+            line = data[: exc.start].count(b"\n") + 1
+            found = f"line {line} is not ASCII"
+        t.fail(key, f"{shown}: {found}; {expected}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    reason = "no certificate loaded"
+    try:
+        context.load_verify_locations(cadata=text)
+    except (ssl.SSLError, ValueError) as exc:
+        # ssl's own words, without the "(_ssl.c:4035)" that names its source line.
+        reason = _SSL_SOURCE_LINE.sub("", str(exc.args[-1] if exc.args else exc))
+    else:
+        if context.cert_store_stats()["x509"] > 0:
+            return
+    labels = sorted(set(_PEM_LABEL.findall(text)))
+    if not labels:
+        found = "no PEM block in it"
+    elif "CERTIFICATE" not in labels:
+        found = f"only PEM {', '.join(labels)}, no CERTIFICATE"
+    else:
+        found = f"its certificates cannot be loaded ({reason})"
+    t.fail(key, f"{shown}: {found}; {expected}")
+
+
+def _check_cache_file(t: _Table, key: str, path: str) -> None:
+    """Refuse a cache path that names a file which is not a postfix-mtasts cache (a text file,
+    another program's database): the daemon would neither use nor move it. Reads, changes
+    nothing; whether the file can be written is the daemon's to find out (it reads what it can)."""
+    from postfix_mtasts.store import ForeignFileError
+    from postfix_mtasts.store.sqlite import check_ours
+
+    try:
+        check_ours(path)
+    except ForeignFileError as exc:
+        t.fail(key, str(exc))
+
+
+def _check_log_file(t: _Table, key: str, path: str) -> None:
+    """Refuse a log file that this process cannot open for appending.
+
+    The daemon opens it as logging.FileHandler does (append, create when absent) when it starts
+    and on every SIGHUP; a file it cannot open would lose every line after that. Nothing is
+    created or written here, so check-config changes nothing on disk: an existing regular file
+    is opened for appending and closed; an absent one needs a directory this process may create
+    it in; a device or FIFO (/dev/null, a pipe to a log collector) is only asked whether it may
+    be written, since opening one can act on it (closing a FIFO's last writer ends its reader).
+    """
+    shown = _toml_string(path)
+    directory = os.path.dirname(path)
+    if not os.path.exists(directory):
+        t.fail(key, f"{shown}: directory {_toml_string(directory)} does not exist")
+    if not os.path.isdir(directory):
+        t.fail(key, f"{shown}: {_toml_string(directory)} is not a directory")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        # access(2) with the effective ids: the daemon's own; it also refuses a read-only mount.
+        if not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+            t.fail(key, f"{shown}: cannot be created in {_toml_string(directory)}")
+        return
+    except OSError as exc:
+        t.fail(key, f"{shown}: {exc.strerror or exc}")
+    if stat.S_ISDIR(mode):
+        t.fail(key, f"{shown}: is a directory")
+    if stat.S_ISSOCK(mode):
+        t.fail(key, f"{shown}: is a socket, which cannot be opened as a file")
+    if not stat.S_ISREG(mode):
+        if not os.access(path, os.W_OK, effective_ids=True):
+            t.fail(key, f"{shown}: cannot be opened for appending: Permission denied")
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        t.fail(key, f"{shown}: cannot be opened for appending: {exc.strerror or exc}")
+    os.close(fd)
+
+
 _S = TypeVar("_S", bound=str)
 _MISSING = object()
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -331,7 +523,8 @@ class _Table:
         self._data = data
         self._prefix = prefix
         self._source = source
-        self._known: list[str] = []
+        # A dict, in reading order: close() looks up every key of a file with many [maps.NAME].
+        self._known: dict[str, None] = {}
 
     def fail(self, key: str, message: str) -> NoReturn:
         raise ConfigError(f"{self._source}: {self._prefix}{key}: {message}")
@@ -340,7 +533,7 @@ class _Table:
         return list(self._data)
 
     def _get(self, key: str) -> object:
-        self._known.append(key)
+        self._known[key] = None
         return self._data.get(key, _MISSING)
 
     def table(self, key: str) -> _Table:
@@ -385,31 +578,56 @@ class _Table:
             self.fail(key, f"expected true or false, got {_show(value)}")
         return value
 
-    def integer(self, key: str, default: int, *, minimum: int) -> int:
+    def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
         value = self._get(key)
         if value is _MISSING:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(key, f"expected an integer, got {_show(value)}")
-        if value < minimum:
-            self.fail(key, f"expected an integer of at least {minimum}, got {value}")
+        if not minimum <= value <= maximum:
+            self.fail(
+                key,
+                f"expected an integer, at most {maximum} and at least {minimum}, "
+                f"got {_show(value)}",
+            )
         return value
 
     def seconds(
-        self, key: str, default: float, *, zero: bool = False, below: float = math.inf
+        self,
+        key: str,
+        default: float,
+        *,
+        zero: bool = False,
+        at_most: float | None = None,
+        below: float | None = None,
+        why: str = "",
     ) -> float:
-        """A duration in seconds: an integer or a float, positive (or zero when `zero`)."""
+        """A duration in seconds: an integer or a float, positive (or zero when `zero`), and
+        `at_most` or `below` a bound that one of them must give; `why` explains the bound."""
+        if (at_most is None) == (below is None):
+            raise TypeError("seconds() needs exactly one upper bound: at_most or below")
         value = self._get(key)
         if value is _MISSING:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(key, f"expected a number of seconds, got {_show(value)}")
-        seconds = float(value)
-        lowest = "0 or more" if zero else "more than 0"
-        if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
-            self.fail(key, f"expected a number of seconds, {lowest}, got {_show(value)}")
-        if seconds >= below:
-            self.fail(key, f"expected less than {below:g} seconds, got {_show(value)}")
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf  # an integer beyond every float is beyond every bound too
+        if at_most is not None:
+            upper, too_high = f"at most {_number(at_most)}", seconds > at_most
+        else:
+            assert below is not None
+            upper, too_high = f"less than {_number(below)}", seconds >= below
+        lower = "0 or more" if zero else "more than 0"
+        too_low = seconds < 0 or (seconds == 0 and not zero)
+        if not math.isfinite(seconds) or too_low or too_high:
+            because = f" ({why})" if why and too_high else ""
+            self.fail(
+                key,
+                f"expected a number of seconds, {upper} and {lower}, got {_show(value)}{because}",
+            )
         return seconds
 
     def choice(self, key: str, default: _S, choices: tuple[_S, ...]) -> _S:
@@ -470,6 +688,11 @@ def _dotted(key: str) -> str:
     return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
 
 
+def _number(value: float) -> str:
+    """A bound as a postmaster would write it: 300, not 300.0 or 3e+02."""
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 def _show(value: object) -> str:
     """A value as TOML would write it, for error messages."""
     if isinstance(value, bool):
@@ -478,7 +701,8 @@ def _show(value: object) -> str:
         shown = _toml_string(value)
         return shown if len(shown) <= 80 else shown[:76] + '..."'
     if isinstance(value, int | float):
-        return repr(value)
+        shown = repr(value)
+        return shown if len(shown) <= 80 else f"{shown[:40]}... ({len(shown)} digits)"
     if isinstance(value, list):
         return "an array"
     if isinstance(value, dict):
