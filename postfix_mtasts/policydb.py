@@ -15,6 +15,13 @@ for a domain it has never seen, or in the background:
 - a domain without a record is remembered briefly, so it does not cost a TXT query per delivery;
 - concurrent askers for one domain share one lookup: one TXT query, one HTTPS GET.
 
+What this machine runs short of is never taken for a fact about a domain: network lookups run at
+most ``max_lookups`` at once, the others wait their turn within their askers' deadline (and are
+answered ``TEMP`` if it does not come: a local bottleneck defers mail, it does not downgrade it); a
+lookup that fails for a local reason (no file descriptor, no thread: ``LocalError``) is not
+remembered; and the domains held in memory are bounded (``memory_domains``), those without a
+policy going first.
+
 Everything here runs on the event loop, except what blocks: reading and writing the store, and
 the HTTPS fetch (requests), which run in a thread pool. A lookup's DNS questions (the TXT record,
 the policy host's IPv4 addresses) are asked from the loop itself: in a lookup thread, each of a
@@ -27,15 +34,26 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
+import heapq
 import logging
+import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from postfix_mtasts import dane, mtasts
 from postfix_mtasts.fetch import Fetcher
 from postfix_mtasts.mtasts import Mode, Policy
-from postfix_mtasts.resolver import AddressOutcome, DNSNotFound, DNSTemporaryError, Resolver
+from postfix_mtasts.resolver import (
+    AddressOutcome,
+    DNSNotFound,
+    DNSTemporaryError,
+    LocalError,
+    Resolver,
+)
 from postfix_mtasts.store import Entry, Store, StoreError
 
 __all__ = ["CacheSettings", "DaneCache", "Decision", "PolicyDB"]
@@ -44,6 +62,14 @@ log = logging.getLogger("postfix_mtasts.policydb")
 
 # A temporary DNS failure is retried sooner than the RFC's five minutes for a failed fetch.
 DNS_RETRY_INTERVAL = 60.0
+# Threads reading and writing the store (the SQLite store serialises its statements anyway).
+STORE_THREADS = 4
+# When the domains in memory reach memory_domains, this share of them is dropped at once, so that
+# the (rare) work of choosing them is not done again at every new domain.
+SHRINK_SHARE = 0.1
+# An outage (the store failing, local resources running out) is logged when it starts, and then
+# at most this often while it lasts, with the number of failures since.
+OUTAGE_LOG_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +82,8 @@ class CacheSettings:
     first_lookup_deadline: float = 30.0
     maintenance_interval: float = 60.0
     lookup_threads: int = 100
+    max_lookups: int = 100
+    memory_domains: int = 200000
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +93,8 @@ class Decision:
     ``policy`` is the policy to apply, or ``None`` when the domain has no usable policy (no record,
     failed discovery without a cached policy, expired). A ``mode: none`` policy is kept as such.
     ``error`` is the last failure, for logs and the query tool; ``failure`` its RFC 8460 type.
+    ``defer`` is set (to the reason) when nothing could be decided for a local reason, such as
+    too many lookups at once or no file descriptor left: Postfix is to try again later.
     """
 
     domain: str
@@ -74,6 +104,7 @@ class Decision:
     expires_at: float | None = None
     error: str = ""
     failure: str = ""
+    defer: str = ""
 
 
 class _Slot:
@@ -94,6 +125,7 @@ class _Slot:
         "touched",
         "unsaved",
         "valid_until",
+        "wanted_until",
     )
 
     def __init__(
@@ -112,10 +144,62 @@ class _Slot:
         self.touched = True
         self.unsaved = unsaved
         self.pending: asyncio.Future[_Result] | None = None
+        # Until when (time.monotonic()) someone waits for the pending lookup's first answer: a
+        # lookup still waiting for its turn after that is dropped.
+        self.wanted_until = 0.0
 
 
-# What a lookup returns: the entry, the decision, whether the store holds it.
-_Result = tuple[Entry, Decision, bool]
+class _Result(NamedTuple):
+    """What a lookup returns: the entry, the decision, whether the store holds the entry, and
+    whether the entry came from the store due for a check (to be made now, in the background)."""
+
+    entry: Entry
+    decision: Decision
+    saved: bool
+    revalidate: bool = False
+
+
+class _Abandoned(Exception):
+    """A lookup that waited for its turn until nobody waited for it any more."""
+
+
+class _Outage:
+    """Logs a run of failures of one kind (the store, local resources) once when it starts, then
+    at most every OUTAGE_LOG_INTERVAL seconds, and once when it ends: never once per request.
+    Safe to call from the lookup threads."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._logged_at = -math.inf
+
+    def failed(self, detail: str, consequence: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._failures += 1
+            first = self._failures == 1
+            if not first and now - self._logged_at < OUTAGE_LOG_INTERVAL:
+                return
+            self._logged_at = now
+            count = self._failures
+        if first:
+            log.error("%s (%s); %s", self.what, detail, consequence)
+        else:
+            log.error("%s: still failing, %d times so far (%s)", self.what, count, detail)
+
+    def succeeded(self) -> None:
+        if not self._failures:
+            return
+        with self._lock:
+            count, self._failures = self._failures, 0
+            self._logged_at = -math.inf
+        if count:
+            log.warning("%s: works again after %d failures", self.what, count)
+
+    @property
+    def failing(self) -> bool:
+        return self._failures > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,18 +245,41 @@ class PolicyDB:
         self.store = store
         self.resolver = resolver
         self.fetcher = fetcher
-        self.settings = settings or CacheSettings()
         self._clock = clock
         self._slots: dict[str, _Slot] = {}
+        self._settings = settings or CacheSettings()
+        self._turns = asyncio.Semaphore(self._settings.max_lookups)
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.settings.lookup_threads, thread_name_prefix="lookup"
+            max_workers=self._settings.lookup_threads, thread_name_prefix="lookup"
+        )
+        # The store has threads of its own: reading it is part of answering, and must not wait
+        # behind slow policy fetches holding every lookup thread.
+        self._store_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=STORE_THREADS, thread_name_prefix="store"
         )
         self._maintenance: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[_Result]] = set()
+        # Lookups waiting for their turn (at most max_lookups run at once).
+        self._queued: set[asyncio.Future[_Result]] = set()
+        self._store_reads = _Outage("cannot read the cache")
+        self._store_writes = _Outage("cannot write the cache")
+        self._local = _Outage("lookups fail for want of local resources")
+        self._shrunk_at = -math.inf
         # Counters for statistics and tests.
         self.hits = 0
         self.misses = 0
         self.network_lookups = 0
+
+    @property
+    def settings(self) -> CacheSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: CacheSettings) -> None:
+        if settings.max_lookups != self._settings.max_lookups:
+            # Lookups holding a turn of the old semaphore give it back there.
+            self._turns = asyncio.Semaphore(settings.max_lookups)
+        self._settings = settings
 
     # ---------------------------------------------------------------------------------------------
     # The hot path.
@@ -197,13 +304,17 @@ class PolicyDB:
         job = slot.pending if slot is not None and slot.pending is not None else None
         if job is None:
             job = self._start(domain, slot)
+        # Someone waits for this lookup's first answer until the deadline.
+        self._slots[domain].wanted_until = time.monotonic() + self.settings.first_lookup_deadline
         return asyncio.ensure_future(self._first_answer(domain, job))
 
     async def _first_answer(self, domain: str, job: asyncio.Future[_Result]) -> Decision:
         deadline = self.settings.first_lookup_deadline
         try:
-            _, decision, _ = await asyncio.wait_for(asyncio.shield(job), deadline)
+            _, decision, _, _ = await asyncio.wait_for(asyncio.shield(job), deadline)
         except TimeoutError:
+            if job in self._queued:
+                return self._deferred(domain, f"lookup not started within {deadline:.0f}s")
             # RFC 8461 §3.3: no policy known and none could be fetched in time: deliver as if the
             # domain had no MTA-STS. The lookup goes on and its result serves the next asker.
             log.warning(
@@ -212,14 +323,24 @@ class PolicyDB:
                 deadline,
             )
             return Decision(domain, None, error=f"lookup still running after {deadline:.0f}s")
+        except _Abandoned:
+            return self._deferred(domain, f"lookup not started within {deadline:.0f}s")
+        except LocalError as exc:
+            return self._deferred(domain, str(exc))
         except Exception as exc:
-            log.error("%s: lookup failed unexpectedly: %s", domain, exc)
-            return Decision(domain, None, error=f"internal error: {exc}")
+            # Our own failure says nothing about the domain either.
+            return self._deferred(domain, f"internal error: {exc}")
         # A lookup that straddled the expiry of the policy it kept must not hand it out (§5).
         return _unexpired(decision, self._clock())
 
+    @staticmethod
+    def _deferred(domain: str, reason: str) -> Decision:
+        """The decision for a domain nothing could be learnt about, for a reason of this machine's:
+        not "no policy" (that would downgrade a protected domain) but "ask again later"."""
+        return Decision(domain, None, error=reason, defer=reason)
+
     # ---------------------------------------------------------------------------------------------
-    # Lookups in the thread pool.
+    # Lookups: the store in the thread pool, then (in turn) the network.
 
     def _start(self, domain: str, slot: _Slot | None) -> asyncio.Future[_Result]:
         loop = asyncio.get_running_loop()
@@ -227,6 +348,8 @@ class PolicyDB:
         unsaved = slot.unsaved if slot is not None else None
         job = loop.create_task(self._refresh(domain, current, unsaved))
         if slot is None:
+            if len(self._slots) >= self.settings.memory_domains:
+                self._shrink()
             # A placeholder slot holds the shared job until the first result arrives; it is never
             # answered from (valid_until is 0).
             slot = _Slot(Decision(domain, None), 0.0, 0.0, self._clock())
@@ -238,6 +361,7 @@ class PolicyDB:
 
     def _finished(self, domain: str, job: asyncio.Future[_Result]) -> None:
         self._background.discard(job)
+        self._queued.discard(job)
         slot = self._slots.get(domain)
         if slot is not None and slot.pending is job:
             slot.pending = None
@@ -245,19 +369,27 @@ class PolicyDB:
             return
         exc = job.exception()
         if exc is not None:
-            log.error("%s: lookup failed unexpectedly: %r", domain, exc)
-            if slot is not None and slot.valid_until == 0.0:
+            if isinstance(exc, LocalError):
+                self._local.failed(str(exc), "such lookups are not remembered; asked again later")
+            elif not isinstance(exc, _Abandoned):
+                log.error("%s: lookup failed unexpectedly: %r", domain, exc)
+            # Nothing was learnt about the domain: forget a placeholder, keep a real answer.
+            if slot is not None and slot.valid_until == 0.0 and slot.pending is None:
                 del self._slots[domain]
             return
-        entry, decision, saved = job.result()
+        result = job.result()
+        entry, decision = result.entry, result.decision
         valid_until, check_after = self._schedule(entry, decision)
-        unsaved = None if saved else entry
+        unsaved = None if result.saved else entry
         if slot is None:
             slot = _Slot(decision, valid_until, check_after, entry.last_used, unsaved)
             self._slots[domain] = slot
         else:
             slot.decision, slot.unsaved = decision, unsaved
             slot.valid_until, slot.check_after = valid_until, check_after
+        if result.revalidate and slot.pending is None:
+            # Answered from the store while its check is due: make the check now, behind it.
+            self._start(domain, slot)
 
     def _schedule(self, entry: Entry, decision: Decision) -> tuple[float, float]:
         """Until when ``decision`` may be answered, and from when to revalidate it."""
@@ -279,36 +411,73 @@ class PolicyDB:
 
         ``current`` is the decision answered from now (None for a domain not in memory) and
         ``unsaved`` the entry behind it when the store could not save that entry. The store is
-        read and written in the thread pool, and so is the HTTPS fetch; the DNS queries (the TXT
-        record, the policy host's IPv4 addresses) are asked from the event loop, where they cost
-        no thread hand-off.
+        read first, and an unexpired policy found there is the answer at once (the network check
+        follows in the background). The network part waits for its turn (``max_lookups``). The
+        store is read and written in the thread pool, and so is the HTTPS fetch; the DNS queries
+        (the TXT record, the policy host's IPv4 addresses) are asked from the event loop, where
+        they cost no thread hand-off.
         """
         loop = asyncio.get_running_loop()
-        plan = await loop.run_in_executor(self._pool, self._prepare, domain, current, unsaved)
+        plan = await loop.run_in_executor(self._store_pool, self._prepare, domain, current, unsaved)
         if not isinstance(plan, _Plan):
             return plan
-        started = time.monotonic()
-        self.network_lookups += 1
-        record: mtasts.Record | mtasts.MTASTSError
+        background = current is not None and current.policy is not None
+        turns = self._turns
+        await self._take_turn(domain, turns, background)
         try:
-            record, _ = await mtasts.lookup_record_async(domain, self.resolver)
-        except mtasts.MTASTSError as exc:
-            record = exc
-        due = isinstance(record, mtasts.Record) and self._fetch_due(plan, record)
-        ipv4: AddressOutcome = None
-        if due:
+            started = time.monotonic()
+            self.network_lookups += 1
+            record: mtasts.Record | mtasts.MTASTSError
             try:
-                ipv4 = await self.resolver.ipv4_async(mtasts.policy_host(domain))
-            except (DNSNotFound, DNSTemporaryError) as exc:
-                ipv4 = exc
-        return await loop.run_in_executor(
-            self._pool, self._finish, domain, plan, record, due, ipv4, started
-        )
+                record, _ = await mtasts.lookup_record_async(domain, self.resolver)
+            except mtasts.MTASTSError as exc:
+                record = exc
+            due = isinstance(record, mtasts.Record) and self._fetch_due(plan, record)
+            ipv4: AddressOutcome = None
+            if due:
+                try:
+                    ipv4 = await self.resolver.ipv4_async(mtasts.policy_host(domain))
+                except (DNSNotFound, DNSTemporaryError) as exc:
+                    ipv4 = exc
+            result = await loop.run_in_executor(
+                self._pool, self._finish, domain, plan, record, due, ipv4, started
+            )
+        finally:
+            turns.release()
+        self._local.succeeded()
+        return result
+
+    async def _take_turn(self, domain: str, turns: asyncio.Semaphore, background: bool) -> None:
+        """Wait until fewer than ``max_lookups`` lookups run. A lookup someone waits for gives up
+        (``_Abandoned``) once nobody does any more; a background check waits as long as it
+        takes (the answer in force meanwhile is the cached one)."""
+        if not turns.locked():
+            await turns.acquire()
+            return
+        job = asyncio.current_task()
+        assert job is not None
+        self._queued.add(job)
+        try:
+            while True:
+                timeout: float | None = None
+                if not background:
+                    slot = self._slots.get(domain)
+                    wanted = slot.wanted_until if slot is not None else 0.0
+                    timeout = wanted - time.monotonic()
+                    if timeout <= 0:
+                        raise _Abandoned(domain)
+                try:
+                    await asyncio.wait_for(turns.acquire(), timeout)
+                    return
+                except TimeoutError:
+                    continue  # someone may have asked meanwhile: look at the deadline again
+        finally:
+            self._queued.discard(job)
 
     def _prepare(
         self, domain: str, current: Decision | None, unsaved: Entry | None
     ) -> _Result | _Plan:
-        """In the thread pool: the stored entry's answer when it is fresh enough, else what the
+        """In the thread pool: the stored entry's answer when it may be given now, else what the
         network part of the lookup starts from."""
         now = self._clock()
         entry = unsaved or self._load(domain)
@@ -331,11 +500,21 @@ class PolicyDB:
             valid_until, check_after = self._schedule(entry, decision)
             if now < valid_until and now < check_after:
                 # Fresh in the store: written before a restart, or by another daemon.
-                return entry, decision, unsaved is None
+                return _Result(entry, decision, unsaved is None)
+            answering = (
+                current is not None
+                and current.policy is not None
+                and current.expires_at is not None
+                and current.expires_at > now
+            )
+            if cached is not None and not answering:
+                # An unexpired policy in the store is the answer now, whatever DNS and HTTPS do
+                # later (§5): its check runs after the answer, never before it.
+                return _Result(entry, decision, unsaved is None, revalidate=True)
             if cached is None and entry.last_error and now < entry.backoff_until:
                 # §3.3: a failed attempt is not repeated within the retry interval, also when
                 # the policy it failed to refresh has expired meanwhile.
-                return entry, decision, unsaved is None
+                return _Result(entry, decision, unsaved is None)
         base = entry or Entry(
             domain=domain,
             record_id=None,
@@ -379,7 +558,7 @@ class PolicyDB:
         elapsed = (time.monotonic() - started) * 1000
         log.info("%s: %s (%.0f ms)", domain, outcome, elapsed)
         saved = self._save(new_entry)
-        return new_entry, _unexpired(decision, self._clock()), saved
+        return _Result(new_entry, _unexpired(decision, self._clock()), saved)
 
     def _revalidate(
         self,
@@ -496,22 +675,68 @@ class PolicyDB:
             return None
 
     # ---------------------------------------------------------------------------------------------
-    # The store. Its failures cost lookups, never answers.
+    # The store. Its failures cost lookups, never answers; they are logged once per outage.
 
     def _load(self, domain: str) -> Entry | None:
         try:
-            return self.store.get(domain)
+            entry = self.store.get(domain)
         except StoreError as exc:
-            log.error("%s: cannot read the cache (%s); looking it up instead", domain, exc)
+            self._store_reads.failed(str(exc), f"looking {domain} and others up instead")
             return None
+        self._store_reads.succeeded()
+        return entry
 
     def _save(self, entry: Entry) -> bool:
         try:
             self.store.put(entry)
         except StoreError as exc:
-            log.error("%s: cannot write the cache (%s); keeping it in memory", entry.domain, exc)
+            self._store_writes.failed(
+                str(exc), "keeping what is learnt in memory and writing it when the cache works"
+            )
             return False
+        self._store_writes.succeeded()
         return True
+
+    def _save_unsaved(self, entries: list[Entry]) -> list[Entry]:
+        """In the thread pool: write entries the store failed to take before; the saved ones."""
+        saved = []
+        for entry in entries:
+            if not self._save(entry):
+                break
+            saved.append(entry)
+        return saved
+
+    # ---------------------------------------------------------------------------------------------
+    # Bounds: the domains held in memory.
+
+    def _shrink(self) -> None:
+        """Make room below ``memory_domains``: drop domains without a policy first (a lookup or a
+        store read brings them back), then the least recently used ones whose entry the store
+        holds. A policy only memory holds (the store failed to take it) goes last."""
+        target = max(1, int(self.settings.memory_domains * SHRINK_SHARE))
+        idle = [(domain, slot) for domain, slot in self._slots.items() if slot.pending is None]
+        doomed = [domain for domain, slot in idle if slot.decision.policy is None][:target]
+        if len(doomed) < target:
+            kept = [(d, s) for d, s in idle if s.decision.policy is not None]
+            doomed += [
+                domain
+                for domain, _ in heapq.nsmallest(
+                    target - len(doomed),
+                    kept,
+                    key=lambda item: (item[1].unsaved is not None, item[1].last_used),
+                )
+            ]
+        for domain in doomed:
+            del self._slots[domain]
+        now = time.monotonic()
+        if now - self._shrunk_at >= OUTAGE_LOG_INTERVAL:
+            self._shrunk_at = now
+            log.warning(
+                "%d domains in memory (cache.memory_domains): dropped %d, to be read back from"
+                " the cache or looked up again when asked",
+                len(self._slots) + len(doomed),
+                len(doomed),
+            )
 
     # ---------------------------------------------------------------------------------------------
     # Maintenance: last-used times, proactive refresh, removal of unused entries.
@@ -531,6 +756,7 @@ class PolicyDB:
         for job in list(self._background):
             job.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._store_pool.shutdown(wait=False, cancel_futures=True)
 
     async def flush(self) -> None:
         """Write the last-used times gathered since the last flush to the store."""
@@ -543,9 +769,11 @@ class PolicyDB:
             return
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._pool, self.store.touch, used)
+            await loop.run_in_executor(self._store_pool, self.store.touch, used)
         except StoreError as exc:
-            log.error("cannot record last-used times in the cache: %s", exc)
+            self._store_writes.failed(str(exc), "last-used times are kept in memory")
+        else:
+            self._store_writes.succeeded()
 
     async def _maintain(self) -> None:
         while True:
@@ -556,28 +784,47 @@ class PolicyDB:
                 log.exception("cache maintenance failed")
 
     async def maintain(self) -> None:
-        """One round of maintenance: flush last-used times, refresh policies that are due (even
-        for domains nobody asked for lately, so they never fall out of the cache), and remove
-        entries unused for ``unused_after`` seconds."""
+        """One round of maintenance: flush last-used times, write what the store failed to take
+        before, refresh policies that are due (even for domains nobody asked for lately, so they
+        never fall out of the cache), forget domains whose answer expired, and remove entries
+        unused for ``unused_after`` seconds (those without a policy once their backoff is over)."""
         await self.flush()
         now = self._clock()
         horizon = now - self.settings.unused_after
         loop = asyncio.get_running_loop()
+        unsaved: list[Entry] = []
         for domain, slot in list(self._slots.items()):
-            if slot.last_used < horizon:
-                if slot.pending is None:
-                    del self._slots[domain]
+            if slot.pending is not None:
+                continue
+            if slot.last_used < horizon or slot.valid_until <= now:
+                # Unused, or its answer expired (no policy, or an expired one): worth nothing in
+                # memory, since the next asker looks it up again either way.
+                del self._slots[domain]
+            elif slot.unsaved is not None:
+                unsaved.append(slot.unsaved)
             elif (
-                slot.pending is None
-                and slot.decision.policy is not None
+                slot.decision.policy is not None
                 and slot.valid_until > now
                 and now >= slot.check_after
             ):
                 self._start(domain, slot)
+        if unsaved:
+            saved = await loop.run_in_executor(self._store_pool, self._save_unsaved, unsaved)
+            for entry in saved:
+                held = self._slots.get(entry.domain)
+                if held is not None and held.unsaved is entry:
+                    held.unsaved = None
+        # An entry without a policy only carries a no-record memory or a backoff: once those are
+        # over it is worth nothing, and a client asking for a million names must not leave a
+        # million rows for unused_after.
+        s = self.settings
+        negative = now - max(s.no_record_ttl, s.fetch_retry_interval, DNS_RETRY_INTERVAL)
         try:
-            removed = await loop.run_in_executor(self._pool, self.store.purge_unused, horizon)
+            removed = await loop.run_in_executor(
+                self._store_pool, functools.partial(self.store.purge_unused, horizon, negative)
+            )
         except StoreError as exc:
-            log.error("cannot remove unused entries from the cache: %s", exc)
+            self._store_writes.failed(str(exc), "unused entries stay in the cache for now")
         else:
             if removed:
                 log.info("removed %d cache entries unused since %s", removed, _when(horizon))
@@ -609,10 +856,12 @@ class DaneCache:
         *,
         deadline: float = 30.0,
         threads: int = 20,
+        max_verdicts: int = 200000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.resolver = resolver
         self.deadline = deadline
+        self.max_verdicts = max_verdicts
         self._clock = clock
         # domain -> (verdict, valid until, refresh after)
         self._verdicts: dict[str, tuple[dane.DaneResult, float, float]] = {}
@@ -672,6 +921,12 @@ class DaneCache:
             return
         verdict = job.result()
         now = self._clock()
+        if domain not in self._verdicts and len(self._verdicts) >= self.max_verdicts:
+            # Bounded like the policies: expired verdicts go first, then the oldest tenth.
+            self.prune()
+            if len(self._verdicts) >= self.max_verdicts:
+                for old in list(self._verdicts)[: max(1, self.max_verdicts // 10)]:
+                    del self._verdicts[old]
         self._verdicts[domain] = (verdict, now + verdict.ttl, now + verdict.ttl * 0.75)
 
     def prune(self) -> None:

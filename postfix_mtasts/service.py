@@ -28,15 +28,23 @@ from postfix_mtasts.netstring import ReplyError, encode_reply
 from postfix_mtasts.policydb import CacheSettings, DaneCache, Decision, PolicyDB
 from postfix_mtasts.resolver import Resolver
 from postfix_mtasts.server import Listener, ListenerError, Reply, Server, parse_listener
-from postfix_mtasts.store import CorruptStoreError, Store, StoreError, open_store
-from postfix_mtasts.store.sqlite import move_aside
+from postfix_mtasts.store import (
+    CorruptStoreError,
+    ForeignFileError,
+    Store,
+    StoreError,
+    open_store,
+)
+from postfix_mtasts.store.sqlite import SqliteStore, move_aside
 
 __all__ = ["Responder", "run"]
 
 log = logging.getLogger("postfix_mtasts")
 
-# The responder's reply memo holds at least this many entries, else twice the cached domains.
+# The responder's reply memo holds at least this many entries, else twice the cached domains,
+# for at most MEMO_NAMES map names.
 MEMO_SIZE = 4096
+MEMO_NAMES = 64
 
 # How often expired DANE verdicts are forgotten.
 DANE_PRUNE_INTERVAL = 300.0
@@ -61,8 +69,10 @@ class Responder:
         # keeps the memo true, without reading the decision (at 100000 domains each object read
         # per answer is a cache miss). A dict per map name rather than (name, key) tuples: no
         # tuple to build and hash per request, and none to keep per cached domain. Replies are
-        # kept framed (server.Reply), so a memo hit costs no framing either.
+        # kept framed (server.Reply), so a memo hit costs no framing either. Map names and keys
+        # come from clients: the memo is bounded as a whole (``_memo_entries`` across names).
         self._replies: dict[str, dict[str, tuple[str, Decision, bytes]]] = {}
+        self._memo_entries = 0
 
     @property
     def settings(self) -> config.Config:
@@ -71,7 +81,11 @@ class Responder:
     @settings.setter
     def settings(self, settings: config.Config) -> None:
         self._settings = settings
+        self._forget_replies()
+
+    def _forget_replies(self) -> None:
         self._replies.clear()
+        self._memo_entries = 0
 
     def lookup(self, name: str, key: str) -> Reply | asyncio.Future[Reply]:
         if self.dane is None:
@@ -109,6 +123,9 @@ class Responder:
 
     def _remember(self, name: str, key: str, decision: Decision) -> Reply:
         """The reply for ``decision``, kept framed in the memo for (``name``, ``key``)."""
+        if decision.defer:
+            # Nothing was decided (a local shortage): Postfix asks again later, and so do we.
+            return postfix.temp(f"{decision.domain}: {decision.defer}")
         reply = _reply(decision, self._settings.profile(name))
         if self.dane is not None:
             # With DANE the memo is not consulted: a DANE verdict may take precedence.
@@ -119,11 +136,18 @@ class Responder:
             # Not kept; the server refuses it again, and logs it with the key.
             return reply
         replies = self._replies.get(name)
-        if replies is None:
-            replies = self._replies[name] = {}
-        elif key not in replies and len(replies) >= max(MEMO_SIZE, 2 * self.db.size):
-            # More entries than the cache has domains: drop the stale ones.
-            replies.clear()
+        if replies is None and len(self._replies) >= MEMO_NAMES:
+            # Postfix uses a name or two; a client making names up gets answers, not memory.
+            return frame
+        if replies is None or key not in replies:
+            if self._memo_entries >= max(MEMO_SIZE, 2 * self.db.size):
+                # More entries than the cache has domains (across every map name a client
+                # made up): drop the stale ones.
+                self._forget_replies()
+                replies = None
+            if replies is None:
+                replies = self._replies[name] = {}
+            self._memo_entries += 1
         replies[key] = (decision.domain, decision, frame)
         return frame
 
@@ -177,20 +201,30 @@ def cache_settings(settings: config.Config) -> CacheSettings:
         no_record_ttl=c.no_record_ttl,
         fetch_retry_interval=c.fetch_retry_interval,
         first_lookup_deadline=c.first_lookup_deadline,
+        max_lookups=c.max_lookups,
+        memory_domains=c.memory_domains,
+        # A running lookup fetches in a thread: as many threads as lookups may run.
+        lookup_threads=c.max_lookups,
     )
 
 
 def make_store(settings: config.Config) -> Store:
-    """The configured store; a memory store when it cannot be opened (lookups go on)."""
+    """The configured store; a memory store when it cannot be opened (lookups go on).
+
+    A file that is not a postfix-mtasts cache is a configuration error (``config.ConfigError``):
+    it is neither used nor moved aside."""
     backend, path = settings.cache.backend, settings.cache.path
+    bound = settings.cache.memory_domains
     try:
-        return open_store(backend, path)
+        store = open_store(backend, path, memory_entries=bound)
+    except ForeignFileError as exc:
+        raise config.ConfigError(f"cache.path: {exc}") from exc
     except CorruptStoreError as exc:
         # A damaged file stays damaged: keep it for inspection and start an empty cache, so that
         # every later restart is not memory-only too.
         try:
             aside = move_aside(path)
-            store = open_store(backend, path)
+            store = open_store(backend, path, memory_entries=bound)
         except StoreError as again:
             log.error("cache is damaged (%s) and cannot be replaced (%s)", exc, again)
         else:
@@ -198,8 +232,60 @@ def make_store(settings: config.Config) -> Store:
             return store
     except StoreError as exc:
         log.error("cannot open the cache (%s)", exc)
+    else:
+        if isinstance(store, SqliteStore) and store.read_only:
+            log.error(
+                "cache %s can only be read (%s): answering from it, keeping what is learnt in"
+                " memory, and trying to write it again later",
+                path,
+                store.read_only,
+            )
+        return store
     log.error("caching in memory only until the next restart")
-    return open_store("memory", "")
+    return open_store("memory", "", memory_entries=bound)
+
+
+# Descriptors the daemon needs besides connections and lookups: listeners, the cache (the SQLite
+# file, its -wal and -shm), logs, the DANE lookup threads' sockets, Python's own.
+BASE_DESCRIPTORS = 64
+# Descriptors one network lookup may hold at once: its DNS socket and the policy fetch's TCP
+# connection.
+LOOKUP_DESCRIPTORS = 2
+
+
+def descriptors_needed(settings: config.Config) -> int:
+    """File descriptors the configuration may take at once: every connection, every lookup."""
+    return (
+        settings.server.max_connections
+        + LOOKUP_DESCRIPTORS * settings.cache.max_lookups
+        + BASE_DESCRIPTORS
+    )
+
+
+def raise_descriptor_limit(settings: config.Config) -> None:
+    """Raise the soft RLIMIT_NOFILE to what the configuration needs (systemd starts services at
+    1024), as far as the hard limit allows; warn, naming the keys, when it does not allow it.
+    Running out would make lookups fail for a local reason (they are then answered TEMP)."""
+    import resource
+
+    needed = descriptors_needed(settings)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the file descriptor limit to %d: %s", wanted, exc)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "the file descriptor limit is %d, below the %d that server.max_connections (%d) and"
+            " cache.max_lookups (%d) may take: raise LimitNOFILE= (systemd) or lower them",
+            soft,
+            needed,
+            settings.server.max_connections,
+            settings.cache.max_lookups,
+        )
 
 
 def listeners(settings: config.Config) -> list[Listener]:
@@ -450,7 +536,7 @@ class _Daemon:
         """SIGHUP: reopen logs and apply a re-read configuration; keep the old one on error."""
         notify("RELOADING=1")
         try:
-            new = config.load(self.config_path)
+            new = config.load(self.config_path, daemon_files=False)
             new_listeners = listeners(new)
         except (config.ConfigError, ListenerError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
@@ -487,6 +573,7 @@ def run(
         # A detached daemon has no stderr: log to syslog unless told otherwise.
         settings = replace(settings, log=replace(settings.log, syslog=True))
     setup_logging(settings)
+    raise_descriptor_limit(settings)
     try:
         identity = _identity(settings)
         server = Server(
@@ -524,6 +611,10 @@ def run(
             _preload()
             _drop_privileges(identity, settings)
         asyncio.run(_Daemon(settings, config_path, server).main())
+    except config.ConfigError as exc:
+        # Found only when the daemon opened it (the cache file's schema): as at start, no trace.
+        log.error("%s", exc)
+        return 2
     except OSError as exc:
         log.error("%s", exc)
         return 1

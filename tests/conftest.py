@@ -1,4 +1,5 @@
-"""Shared fixtures. ``bed``: the real DNS and HTTPS servers of tests/bed.py, once per session."""
+"""Shared fixtures. ``bed``: the real DNS and HTTPS servers of tests/bed.py, once per session;
+``hostile_dns``: a DNS server in front of them that an attacker controls."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 pytest.register_assert_rewrite("mtasts_daemon")
 
 from bed import Bed, BedError  # noqa: E402
+from hostile_dns import HostileDNS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +29,14 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         yield test_bed
     finally:
         test_bed.stop()
+
+
+@pytest.fixture(scope="session")
+def hostile_dns(bed: Bed) -> Iterator[HostileDNS]:
+    """A DNS server in front of the bed's resolver that misbehaves on the names it is told to
+    (tests/hostile_dns.py); every test clears the rules it set."""
+    server = HostileDNS(bed.resolver_nameservers[0])
+    try:
+        yield server
+    finally:
+        server.close()

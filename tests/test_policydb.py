@@ -815,25 +815,33 @@ def test_restart_keeps_the_cache(
         store.close()
 
 
-@pytest.mark.parametrize(
-    "garbage",
-    [
-        os.urandom(8192),
-        b"SQLite format 3\x00" + b"\xff" * 4080,
-        b"",
-    ],
-    ids=["random", "damaged-header", "empty"],
-)
+def _damaged_cache(path: Path) -> bytes:
+    """A cache of ours with damaged pages: its bytes."""
+    store = open_store("sqlite", str(path))
+    for n in range(300):
+        store.put(Entry(f"d{n}.example", "1", None, None, None, None, 1.0))
+    store.close()
+    with open(path, "r+b") as f:
+        f.seek(4096 * 2)
+        f.write(b"\x55" * 4096 * 4)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["damaged", "empty"])
 def test_corrupted_cache_file_is_survived(
     bed: Bed,
     make_db: MakeDB,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-    garbage: bytes,
+    kind: str,
 ) -> None:
     site = publish(bed, "corrupt")
     path = tmp_path / "cache.sqlite"
-    path.write_bytes(garbage)
+    if kind == "damaged":
+        garbage = _damaged_cache(path)
+    else:
+        garbage = b""
+        path.write_bytes(garbage)
     settings = config.Config(cache=config.CacheConfig(backend="sqlite", path=str(path)))
 
     with caplog.at_level(logging.INFO, logger="postfix_mtasts"):
@@ -855,6 +863,23 @@ def test_corrupted_cache_file_is_survived(
         assert store.get(site.domain) is not None
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [os.urandom(8192), b"SQLite format 3\x00" + b"\xff" * 4080],
+    ids=["random", "damaged-header"],
+)
+def test_a_file_that_is_not_a_cache_is_refused_and_left_alone(
+    tmp_path: Path, garbage: bytes
+) -> None:
+    path = tmp_path / "cache.sqlite"
+    path.write_bytes(garbage)
+    settings = config.Config(cache=config.CacheConfig(backend="sqlite", path=str(path)))
+    with pytest.raises(config.ConfigError, match=r"^cache.path: .*not a postfix-mtasts cache"):
+        service.make_store(settings)
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.sqlite"]
+    assert path.read_bytes() == garbage
 
 
 def test_policydb_answers_when_the_store_fails(
@@ -1031,5 +1056,175 @@ def test_maintain_keeps_entries_in_use(bed: Bed, make_db: MakeDB, clock: FakeClo
             assert db.store.get(site.domain) is not None
             assert reply(answered_at_once(db, site.domain)) == enforce_reply(site)
         assert site.gets == 1
+
+    run(db, scenario)
+
+
+# --------------------------------------------------------------------------------------------------
+# Never downgrade, never starve (issue 10): the store answers first, local shortages defer,
+# memory is bounded.
+
+
+def test_a_stored_policy_due_for_its_check_is_answered_before_the_check(
+    bed: Bed, make_db: MakeDB, clock: FakeClock, tmp_path: Path
+) -> None:
+    site = publish(bed, "storefirst")
+    path = str(tmp_path / "cache.sqlite")
+    store = open_store("sqlite", path)
+    db = make_db(store)
+    run(db, lambda: answered_later(db, site.domain))
+    store.close()
+
+    # After a restart, with the check due and DNS dead, the stored policy is the first answer.
+    clock.advance(TXT_CHECK + 1)
+    store = open_store("sqlite", path)
+    db = make_db(store)
+    db.resolver = Resolver([bed.dead_nameserver], timeout=2.0, lifetime=4.0)
+
+    async def scenario() -> None:
+        started = time.monotonic()
+        decision = await answered_later(db, site.domain)
+        assert time.monotonic() - started < 1.0, "the answer waited for the network"
+        assert reply(decision) == enforce_reply(site)
+        # The check runs behind the answer, fails, and the policy is kept.
+        assert db.pending == 1
+        await settle(db)
+        assert reply(answered_at_once(db, site.domain)) == enforce_reply(site)
+        assert "DNS lookup failed" in stored(db, site.domain).last_error
+
+    try:
+        run(db, scenario)
+    finally:
+        store.close()
+
+
+def test_lookups_beyond_max_lookups_wait_their_turn_and_are_deferred_not_denied(
+    bed: Bed, make_db: MakeDB
+) -> None:
+    slow = [publish(bed, f"slowturn{n}-", delay=2.0) for n in range(2)]
+    site = publish(bed, "waiting")
+    db = make_db(max_lookups=2, first_lookup_deadline=1.0)
+
+    async def scenario() -> None:
+        # Two lookups hold both turns; a third domain waits, and its deadline passes first.
+        holding = [asyncio.ensure_future(ask(db, s.domain)) for s in slow]
+        await asyncio.sleep(0.2)
+        decision = await answered_later(db, site.domain)
+        assert decision.policy is None
+        assert decision.defer.startswith("lookup not started within 1s")
+        assert not isinstance(db.lookup(site.domain), Decision), "a deferral is not remembered"
+        await asyncio.gather(*holding)
+        await settle(db)
+        # Its turn came once nobody waited for it, so it was dropped; the next asker's lookup
+        # runs at once.
+        assert site.gets == 0
+        assert reply(await answered_later(db, site.domain)) == enforce_reply(site)
+
+    run(db, scenario)
+
+
+def test_the_domains_held_in_memory_are_bounded_policies_last(
+    bed: Bed, make_db: MakeDB, caplog: pytest.LogCaptureFixture
+) -> None:
+    protected = [publish(bed, f"kept{n}-") for n in range(3)]
+    junk = [bed.unique_domain("nothing") for _ in range(40)]
+    db = make_db(memory_domains=20)
+
+    async def scenario() -> None:
+        for site in protected:
+            await answered_later(db, site.domain)
+        with caplog.at_level(logging.WARNING, logger="postfix_mtasts"):
+            for domain in junk:
+                await ask(db, domain)
+        assert db.size <= 20
+        # Domains without a policy went first: every policy is still answered from memory.
+        for site in protected:
+            assert reply(answered_at_once(db, site.domain)) == enforce_reply(site)
+        assert any("cache.memory_domains" in r.getMessage() for r in caplog.records)
+
+    run(db, scenario)
+
+
+def test_a_policy_dropped_from_memory_is_read_back_from_the_store(
+    bed: Bed, make_db: MakeDB, tmp_path: Path
+) -> None:
+    site = publish(bed, "readback")
+    store = open_store("sqlite", str(tmp_path / "cache.sqlite"))
+    db = make_db(store, memory_domains=5)
+
+    async def scenario() -> None:
+        await answered_later(db, site.domain)
+        for n in range(20):
+            await ask(db, bed.unique_domain(f"filler{n}-"))
+        site.fail()
+        decision = await ask(db, site.domain)
+        assert reply(decision) == enforce_reply(site)
+        assert site.gets == 1
+
+    try:
+        run(db, scenario)
+    finally:
+        store.close()
+
+
+def test_maintain_forgets_domains_whose_answer_expired(
+    bed: Bed, make_db: MakeDB, clock: FakeClock
+) -> None:
+    site = publish(bed, "forgotten", record=None)
+    policy = publish(bed, "remembered")
+    db = make_db()
+
+    async def scenario() -> None:
+        await answered_later(db, site.domain)
+        await answered_later(db, policy.domain)
+        assert db.size == 2
+        clock.advance(NO_RECORD_TTL + 1)
+        await db.maintain()
+        await settle(db)
+        assert db.size == 1
+        assert reply(answered_at_once(db, policy.domain)) == enforce_reply(policy)
+
+    run(db, scenario)
+
+
+def test_store_write_failures_are_logged_once_and_written_when_it_works_again(
+    bed: Bed, make_db: MakeDB, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Failing:
+        """A memory store whose writes fail until told otherwise."""
+
+        def __init__(self) -> None:
+            self.inner = open_store("memory", "")
+            self.failing = True
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def put(self, entry: Entry) -> None:
+            if self.failing:
+                raise StoreError("test store: disk full")
+            self.inner.put(entry)
+
+        def touch(self, last_used: Any) -> None:
+            if self.failing:
+                raise StoreError("test store: disk full")
+            self.inner.touch(last_used)
+
+    sites = [publish(bed, f"unsaved{n}-") for n in range(4)]
+    store = Failing()
+    db = make_db(store)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        with caplog.at_level(logging.INFO, logger="postfix_mtasts"):
+            for site in sites:
+                assert reply(await answered_later(db, site.domain)) == enforce_reply(site)
+            failures = [m for m in caplog.messages if m.startswith("cannot write the cache (")]
+            assert len(failures) == 1, caplog.messages
+            store.failing = False
+            await db.maintain()
+            assert any("cannot write the cache: works again" in m for m in caplog.messages)
+        for site in sites:
+            assert store.inner.get(site.domain) is not None
+            assert reply(answered_at_once(db, site.domain)) == enforce_reply(site)
 
     run(db, scenario)
