@@ -7,10 +7,16 @@ no task, queue or thread hand-off on the hot path. A domain that is not cached y
 with a future; the reply is written when it resolves, in request order, and a slow future holds
 back only the connection that asked.
 
+Per connection, at most `max_pipelined` requests are in flight; what a read brings beyond them,
+or while the client does not read its replies, waits with reading paused. Once a connection fails
+(a write to a client that left), nothing more is answered or written for it.
+
 The server knows nothing of policies: it turns frames into ``(name, key)`` and reply strings into
-frames (`netstring`). Listening is done with our own non-blocking sockets, so that a cap on
-connections applies back-pressure: at the cap the listening sockets are simply not read, further
-clients wait in the kernel's backlog, and accepting resumes as soon as a connection closes.
+frames (`netstring`). Listening is done with our own non-blocking sockets, so that the cap on
+connections is ours to apply: at the cap, a client waiting to be accepted is accepted, and the
+connection active least recently is closed to make room (Postfix's clients reconnect by
+themselves). Connections that hold their slots with a trickle of requests cannot keep new
+clients, and with them the mail, waiting.
 
 Binding (`Server.bind`) is a step of its own so that a caller can bind privileged ports or
 socket paths as root, then detach and drop privileges, then `start` serving.
@@ -23,6 +29,7 @@ import collections
 import errno
 import grp
 import ipaddress
+import itertools
 import logging
 import os
 import pwd
@@ -71,6 +78,12 @@ _ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 _ACCEPT_RETRY_DELAY = 1.0
 # Checked and framed replies remembered for reuse.
 _ENCODED_REPLIES = 4096
+# At the cap, room is made by aborting connections; their descriptors are freed an iteration of
+# the loop later. At most this many are on their way out, so that descriptors stay within
+# max_connections plus these.
+_MAX_EVICTING = 8
+# How long a closed connection may keep unread replies before it is aborted.
+_CLOSE_LINGER = 10.0
 
 
 # A reply payload (``"OK secure match=..."``, ``"NOTFOUND "``), which the server checks and frames,
@@ -446,28 +459,40 @@ class _Pending:
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: frames in, replies out, in request order."""
+    """One client connection: frames in, replies out, in request order.
 
-    def __init__(self, server: Server) -> None:
+    At most `Server.max_pipelined` requests are in flight (waiting for a lookup, or answered
+    behind one that is): the frames a read brings beyond that, or while the client does not read
+    its replies, are held, with reading paused, and answered when there is room. Once the
+    transport fails nothing more is answered or written.
+    """
+
+    def __init__(self, server: Server, peer: str) -> None:
         self._server = server
         self._loop = server._loop_or_fail()
         self._lookup = server.responder.lookup
         self._decoder = Decoder(netstring.MAX_QUERY)
         self._transport: asyncio.Transport | None = None
-        self._peer = "?"
+        self._peer = peer
         # Replies not yet written: bytes when ready, _Pending while its future runs. Empty in
         # the common case, where a reply is written the moment it is known.
         self._queue: collections.deque[bytes | _Pending] = collections.deque()
         self._pending = 0
-        self._last_activity = 0.0
+        # Frames received but not answered yet, from `_held_from` on. Reading is paused while
+        # any are held, so they are at most what one read brought.
+        self._held: list[bytes] | None = None
+        self._held_from = 0
+        # When a request was last received or a reply last sent. From the accept on: a
+        # connection still being set up is a recent one, not the first to make room.
+        self._last_activity = self._loop.time()
         self._partial_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
-        self._pipeline_full = False
         self._reading_paused = False
         self._shutting_down = False
         self._eof = False
         self._closed = False
+        self._evicted = False
         self._released = False
 
     # asyncio.Protocol ---------------------------------------------------------------------
@@ -475,13 +500,6 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self._peer = f"{peer[0]}:{peer[1]}"
-        elif peer:
-            self._peer = str(peer)
-        else:
-            self._peer = "unix"
         server = self._server
         if self._closed or server._stopping:
             self._closed = True
@@ -493,6 +511,8 @@ class _Connection(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        # No call while frames are held: reading is paused then (asyncio delivers nothing
+        # between pause_reading() and resume_reading()).
         if self._closed or self._shutting_down:
             return
         try:
@@ -510,65 +530,142 @@ class _Connection(asyncio.Protocol):
                 self._arm_frame_timeout()
         else:
             self._partial_since = None
-        if not frames:
-            return
-        server = self._server
-        server.requests += len(frames)
-        lookup = self._lookup
-        for payload in frames:
-            try:
-                name, key = parse_request(payload)
-            except RequestError as exc:
-                server.bad_requests += 1
-                self._send(perm(exc.reason))
-                continue
-            try:
-                result = lookup(name, key)
-            except Exception:
-                server.lookup_errors += 1
-                log.exception("%s: lookup failed (map %s); answered TEMP", _key(key), name)
-                self._send(temp("lookup failed"))
-                continue
-            if isinstance(result, bytes):
-                self._send(result)
-            elif isinstance(result, str):
-                self._send(self._encode(name, key, result))
-            else:
-                self._defer(name, key, result)
-        if self._pending and len(self._queue) >= server.max_pipelined and not self._pipeline_full:
-            self._pipeline_full = True
-            self._update_reading()
+        if frames:
+            self._server.requests += len(frames)
+            self._process(frames, 0)
 
     def eof_received(self) -> bool | None:
-        if self._queue:
+        if self._queue or self._held is not None:
             # The client finished sending; keep the connection to deliver what it asked for.
             self._eof = True
             return True
         return None
 
     def pause_writing(self) -> None:
-        # The client does not read its replies: stop reading its requests until it does.
+        # The client does not read its replies: answer no more of its requests until it does.
         self._write_paused = True
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._update_reading()
+        self._go_on()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        unanswered = len(self._queue)
         while self._queue:
             item = self._queue.popleft()
             if isinstance(item, _Pending):
                 item.future.remove_done_callback(item.done)
                 if item.timer is not None:
                     item.timer.cancel()
+        if self._held is not None:
+            unanswered += len(self._held) - self._held_from
+            self._held = None
         self._pending = 0
         self._transport = None
+        if exc is not None:
+            # One line per connection, however many replies it leaves undelivered.
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            log.info(
+                "socketmap client %s: connection lost (%s)%s",
+                self._peer,
+                reason,
+                f"; {unanswered} request(s) left unanswered" if unanswered else "",
+            )
         self._release()
+
+    # requests -----------------------------------------------------------------------------
+
+    def _process(self, frames: list[bytes], start: int) -> None:
+        """Answer `frames[start:]` in order while the pipeline bound and the client's reading
+        allow; hold the rest. The caller has checked that the first may be answered."""
+        lookup = self._lookup
+        queue = self._queue
+        transport = self._transport
+        assert transport is not None
+        index = start
+        for payload in itertools.islice(frames, start, None) if start else frames:
+            # A reply written may have paused writing, or failed: asyncio then closes the
+            # transport, and every later write would only log "socket.send() raised exception.".
+            # A deferred reply may have filled the pipeline.
+            if index != start and (
+                self._write_paused
+                or len(queue) >= self._server.max_pipelined
+                or transport.is_closing()
+            ):
+                self._hold(frames, index)
+                return
+            index += 1
+            try:
+                name, key = parse_request(payload)
+            except RequestError as exc:
+                self._server.bad_requests += 1
+                self._send(perm(exc.reason))
+                continue
+            try:
+                result = lookup(name, key)
+            except Exception:
+                self._server.lookup_errors += 1
+                log.exception("%s: lookup failed (map %s); answered TEMP", _key(key), name)
+                self._send(temp("lookup failed"))
+                continue
+            if isinstance(result, bytes):
+                pass
+            elif isinstance(result, str):
+                result = self._encode(name, key, result)
+            else:
+                self._defer(name, key, result)
+                continue
+            # As _send does, without the call: this is the hot path.
+            if queue:
+                queue.append(result)
+            else:
+                transport.write(result)
+        if queue:
+            self._update_reading()
+
+    def _hold(self, frames: list[bytes], index: int) -> None:
+        self._held = frames
+        self._held_from = index
+        assert self._transport is not None
+        if self._transport.is_closing():
+            # A write failed: connection_lost follows, drops what is held and says so.
+            self._closed = True
+            return
+        self._update_reading()
+
+    def _go_on(self) -> None:
+        """After the pipeline or the client's reading made room: answer held frames, read
+        again, or close once a client that finished sending has all its replies."""
+        transport = self._transport
+        if self._closed or transport is None:
+            return
+        if transport.is_closing():
+            self._closed = True  # a write failed; connection_lost follows
+            return
+        held = self._held
+        if (
+            held is not None
+            and not self._write_paused
+            and len(self._queue) < self._server.max_pipelined
+        ):
+            self._held = None
+            # Replies are sent again: the connection is not idle.
+            self._last_activity = self._loop.time()
+            self._process(held, self._held_from)
+            if self._closed:
+                return
+        self._update_reading()
+        if (
+            not self._queue
+            and self._held is None
+            and (self._eof or (self._shutting_down and not self._decoder.buffered))
+        ):
+            self._close()
 
     # replies ------------------------------------------------------------------------------
 
@@ -674,23 +771,24 @@ class _Connection(asyncio.Protocol):
         queue = self._queue
         transport = self._transport
         assert transport is not None
+        wrote = False
         while queue:
             head = queue[0]
             if isinstance(head, _Pending):
                 if head.reply is None:
                     break
-                transport.write(head.reply)
+                data = head.reply
             else:
-                transport.write(head)
+                data = head
+            if transport.is_closing():
+                self._closed = True  # a write failed; connection_lost follows
+                return
+            transport.write(data)
             queue.popleft()
-        if queue:
-            return
-        self._last_activity = self._loop.time()
-        if self._pipeline_full:
-            self._pipeline_full = False
-            self._update_reading()
-        if self._eof or (self._shutting_down and not self._decoder.buffered):
-            self._close()
+            wrote = True
+        if wrote:
+            self._last_activity = self._loop.time()
+            self._go_on()
 
     # flow control, timeouts, closing --------------------------------------------------------
 
@@ -698,13 +796,22 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._closed:
             return
-        pause = self._write_paused or self._pipeline_full or self._shutting_down
+        pause = (
+            self._write_paused
+            or self._shutting_down
+            or self._held is not None
+            or len(self._queue) >= self._server.max_pipelined
+        )
         if pause and not self._reading_paused:
             self._reading_paused = True
             transport.pause_reading()
         elif not pause and self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
+            if self._partial_since is not None:
+                # The rest of the request may come now: its time starts again.
+                self._partial_since = self._loop.time()
+                self._arm_frame_timeout()
 
     def _arm_frame_timeout(self) -> None:
         assert self._partial_since is not None
@@ -721,7 +828,8 @@ class _Connection(asyncio.Protocol):
             return
         server = self._server
         now = self._loop.time()
-        if self._partial_since is not None:
+        # While we do not read, the rest of a request cannot arrive: not the client's delay.
+        if self._partial_since is not None and not self._reading_paused:
             deadline = self._partial_since + server.frame_timeout
             if now >= deadline:
                 server.frame_timeouts += 1
@@ -750,20 +858,45 @@ class _Connection(asyncio.Protocol):
             return
         self._shutting_down = True
         self._update_reading()
-        if not self._queue:
+        if not self._queue and self._held is None:
             self._close()
 
     def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            # close() waits until the client has read its replies; one that never reads would
+            # keep the connection, and its slot, forever.
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_later(_CLOSE_LINGER, transport.abort)
 
     def _abort(self) -> None:
         self._closed = True
         if self._transport is not None:
             self._transport.abort()
+
+    def _evict(self, now: float) -> None:
+        """Close this connection (without its replies) to make room for a new client."""
+        self._evicted = True
+        if not self._closed:
+            unanswered = len(self._queue) + (
+                len(self._held) - self._held_from if self._held is not None else 0
+            )
+            log.info(
+                "socketmap client %s: closed to make room for a new client (max_connections "
+                "reached); quiet for %.1fs%s",
+                self._peer,
+                now - self._last_activity,
+                f", {unanswered} request(s) left unanswered" if unanswered else "",
+            )
+        # abort(), not close(): a client that does not read would keep a close() open forever.
+        self._abort()
 
     def _release(self) -> None:
         # Called by connection_lost, or by the set-up task when no transport came to be;
@@ -771,6 +904,26 @@ class _Connection(asyncio.Protocol):
         if not self._released:
             self._released = True
             self._server._connection_lost(self)
+
+
+def _eviction_order(connection: _Connection) -> tuple[int, float]:
+    # Closing already, then idle, then waiting for a lookup; each the least recently active first.
+    if connection._closed:
+        rank = 0
+    elif connection._queue:
+        rank = 2
+    else:
+        rank = 1
+    return rank, connection._last_activity
+
+
+def _peer_name(address: object) -> str:
+    # From accept(), not from the transport: a client that has already reset has no peer name
+    # any more, and its one log line must still say who it was.
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "unix"
 
 
 def _key(key: str) -> str:
@@ -841,6 +994,8 @@ class Server:
         self._accept_retry: asyncio.TimerHandle | None = None
         # Accepted sockets, from accept() until connection_lost: the number the cap applies to.
         self._active = 0
+        # Of those, the ones aborted to make room and not gone yet.
+        self._evicting = 0
         self._connections: set[_Connection] = set()
         self._handshakes: set[asyncio.Task[None]] = set()
         self._cap_warned_at: float | None = None
@@ -1007,19 +1162,13 @@ class Server:
     def _accept(self, listening: socket.socket) -> None:
         loop = self._loop_or_fail()
         for _ in range(self.backlog):
-            if self._active >= self.max_connections:
-                # Back-pressure: further clients wait in the kernel's backlog.
-                now = loop.time()
-                if self._cap_warned_at is None or now - self._cap_warned_at >= 60.0:
-                    self._cap_warned_at = now
-                    log.warning(
-                        "%d connections open (the max_connections limit); new clients wait",
-                        self._active,
-                    )
+            full = self._active - self._evicting >= self.max_connections
+            if full and self._evicting >= _MAX_EVICTING:
+                # Accepting resumes as those being closed are gone (_connection_lost).
                 self._pause_accepting()
                 return
             try:
-                sock, _ = listening.accept()
+                sock, address = listening.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
@@ -1033,10 +1182,13 @@ class Server:
                     self._accept_retry = loop.call_later(_ACCEPT_RETRY_DELAY, self._retry_accepting)
                     return
                 raise
+            if full:
+                # Only now that a client is known to wait.
+                self._make_room(loop.time())
             sock.setblocking(False)
             self._active += 1
             self.connections_accepted += 1
-            connection = _Connection(self)
+            connection = _Connection(self, _peer_name(address))
             self._connections.add(connection)
             task = loop.create_task(self._set_up(sock, connection))
             self._handshakes.add(task)
@@ -1044,8 +1196,27 @@ class Server:
 
     def _retry_accepting(self) -> None:
         self._accept_retry = None
-        if self._active < self.max_connections:
-            self._resume_accepting()
+        self._resume_accepting()
+
+    def _make_room(self, now: float) -> None:
+        """Close the connection active least recently, preferring one that waits for no lookup.
+
+        A slot is held as long as its client keeps the connection open, however rarely it asks;
+        Postfix's clients reconnect by themselves when a connection is closed. A scan here, at
+        the cap, costs the hot path nothing.
+        """
+        if self._cap_warned_at is None or now - self._cap_warned_at >= 60.0:
+            self._cap_warned_at = now
+            log.warning(
+                "%d connections open (the max_connections limit); closing the least recently "
+                "active ones to make room for new clients",
+                self.max_connections,
+            )
+        candidates = (c for c in self._connections if not c._evicted)
+        victim = min(candidates, key=_eviction_order, default=None)
+        if victim is not None:
+            victim._evict(now)
+            self._evicting += 1
 
     async def _set_up(self, sock: socket.socket, connection: _Connection) -> None:
         # Once per connection, not per request: the public way to wrap an accepted socket.
@@ -1063,7 +1234,9 @@ class Server:
     def _connection_lost(self, connection: _Connection) -> None:
         self._connections.discard(connection)
         self._active -= 1
-        if self._active < self.max_connections and self._accept_retry is None:
+        if connection._evicted:
+            self._evicting -= 1
+        if self._accept_retry is None:
             self._resume_accepting()
         if self._active == 0 and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)

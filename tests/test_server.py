@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from postfix_mtasts import server as server_module
 from postfix_mtasts.netstring import MAX_REPLY, Decoder, encode, encode_reply
 from postfix_mtasts.server import (
     InetListener,
@@ -438,6 +441,140 @@ async def test_pipelining_limit_pauses_reading_without_losing_requests() -> None
         client.close()
 
 
+class Gated(FakeResponder):
+    """Every lookup is a future (a new domain), held until `release`; afterwards resolved at
+    once. Counts the lookups in flight and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = False
+        self.held: list[tuple[str, asyncio.Future[str | bytes]]] = []
+        self.in_flight = 0
+        self.peak = 0
+
+    def lookup(self, name: str, key: str) -> asyncio.Future[str | bytes]:
+        self.calls.append((name, key))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str | bytes] = loop.create_future()
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        future.add_done_callback(self._finished)
+        if self.released:
+            loop.call_soon(future.set_result, f"OK later {key}")
+        else:
+            self.held.append((key, future))
+        return future
+
+    def _finished(self, _: object) -> None:
+        self.in_flight -= 1
+
+    def release(self) -> None:
+        self.released = True
+        for key, future in self.held:
+            future.set_result(f"OK later {key}")
+        self.held.clear()
+
+
+@aio
+async def test_one_write_of_many_new_domains_starts_at_most_max_pipelined_lookups() -> None:
+    responder = Gated()
+    async with serving(responder, max_pipelined=10, request_timeout=60.0) as server:
+        client = await Client.inet(server)
+        keys = [f"new{i}.example" for i in range(5000)]
+        await client.send(*keys)
+        await wait_until(lambda: len(responder.calls) >= 10)
+        await asyncio.sleep(0.3)
+        assert len(responder.calls) == 10
+        responder.release()
+        replies = [await client.reply() for _ in keys]
+        assert replies == [f"OK later {key}" for key in keys]
+        assert responder.peak <= 10
+        assert server.requests == 5000
+        client.close()
+
+
+@aio
+async def test_client_that_floods_without_reading_and_resets_costs_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The root logger: asyncio's own warnings count too.
+    caplog.set_level(logging.DEBUG)
+    async with serving() as server:
+        host, port = server.sockets[0].getsockname()[:2]
+        flood = b"".join(encode(f"postfix flood-{i:06d}.example".encode()) for i in range(40000))
+        peers = []
+        for _ in range(3):
+            sock = socket.create_connection((host, port))
+            peers.append("{}:{}".format(*sock.getsockname()[:2]))
+            sock.setblocking(False)
+            # What the kernel takes at once, without letting the server read in between; then a
+            # reset: the server reads the flood after the client is gone.
+            sent = 0
+            with contextlib.suppress(BlockingIOError):
+                while sent < len(flood):
+                    sent += sock.send(flood[sent : sent + 65536])
+            assert sent > 65536
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        other = await Client.inet(server)
+        async with asyncio.timeout(2.0):
+            assert await other.ask("after.example") == "OK secure match=after.example"
+        await wait_until(lambda: server.connections == 1)
+        other.close()
+    noise = [r.getMessage() for r in caplog.records if "socket.send() raised" in r.getMessage()]
+    assert noise == []
+    for peer in peers:
+        lines = [r.getMessage() for r in caplog.records if peer in r.getMessage()]
+        assert len(lines) <= 2, lines
+    # And none goes unnamed: a client that has reset has no peer name any more.
+    clients = [r.getMessage() for r in caplog.records if "socketmap client" in r.getMessage()]
+    assert len(clients) <= 2 * len(peers), clients
+
+
+@aio
+async def test_replies_wait_while_the_client_does_not_read_and_nothing_is_lost() -> None:
+    responder = FakeResponder()
+    async with serving(responder, max_pipelined=10) as server:
+        host, port = server.sockets[0].getsockname()[:2]
+        # Accepted sockets inherit a fixed, small send buffer: the kernel takes few replies.
+        server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        keys = [f"r{i:06d}.example" for i in range(60000)]
+        sock = socket.socket()
+        # A small window: the server's replies back up soon, as with a client that does not read.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, port))
+        sock.setblocking(False)
+        flood = b"".join(encode(f"postfix {key}".encode()) for key in keys)
+        sent = 0
+        # Send without reading until the server stops taking requests (its replies are unread).
+        async with asyncio.timeout(PATIENCE):
+            while sent < len(flood):
+                try:
+                    sent += sock.send(flood[sent : sent + 65536])
+                except BlockingIOError:
+                    break
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        answered = len(responder.calls)
+        assert answered < len(keys)
+        await asyncio.sleep(0.2)
+        assert len(responder.calls) == answered
+        # Now read: every request is answered, in order.
+        reader, writer = await asyncio.open_connection(sock=sock)
+        decoder = Decoder(MAX_REPLY)
+        replies: list[bytes] = []
+        async with asyncio.timeout(PATIENCE * 3):
+            while len(replies) < len(keys):
+                if sent < len(flood):
+                    writer.write(flood[sent : sent + 65536])
+                    sent = min(len(flood), sent + 65536)
+                data = await reader.read(65536)
+                assert data
+                replies.extend(decoder.feed(data))
+        assert replies == [f"OK secure match={key}".encode() for key in keys]
+        writer.close()
+
+
 # --- timeouts ----------------------------------------------------------------------------------
 
 
@@ -472,28 +609,163 @@ async def test_request_that_does_not_complete_in_time_closes_the_connection() ->
     assert responder.calls == []
 
 
-# --- connection limit ------------------------------------------------------------------------
+@aio
+async def test_closed_connection_whose_client_does_not_read_is_aborted_after_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server_module, "_CLOSE_LINGER", 0.3, raising=False)
+    async with serving(idle_timeout=0.3) as server:
+        host, port = server.sockets[0].getsockname()[:2]
+        server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, port))
+        sock.setblocking(False)
+        flood = b"".join(encode(f"postfix u{i:06d}.example".encode()) for i in range(20000))
+        with contextlib.suppress(BlockingIOError):
+            sock.send(flood)
+        # Idle, with replies it never reads: closed, and since close() would wait for the client
+        # forever, aborted soon after.
+        await wait_until(lambda: server.idle_timeouts == 1)
+        await wait_until(lambda: server.connections == 0)
+        sock.close()
 
 
 @aio
-async def test_connection_over_the_limit_waits_and_is_served_when_one_closes() -> None:
-    async with serving(max_connections=2) as server:
-        first = await Client.inet(server)
+async def test_request_cut_short_while_the_pipeline_is_full_is_not_timed_out() -> None:
+    responder = FakeResponder()
+    async with serving(responder, max_pipelined=2, frame_timeout=0.2) as server:
+        client = await Client.inet(server)
+        # Reading pauses with the pipeline full: the rest of the third request cannot arrive.
+        await client.send_raw(
+            encode(b"postfix slow1") + encode(b"postfix slow2") + b"19:postfix exa"
+        )
+        await responder.wait_for_call("slow2")
+        await asyncio.sleep(0.5)
+        assert server.frame_timeouts == 0
+        responder.resolve("slow1")
+        responder.resolve("slow2")
+        assert await client.reply() == "OK later slow1"
+        assert await client.reply() == "OK later slow2"
+        await client.send_raw(b"mple.com,")
+        assert await client.reply() == "OK secure match=example.com"
+        client.close()
+
+
+# --- connection limit ---------------------------------------------------------------------------
+
+
+def _peer_of(client: Client) -> str:
+    """How the server's log names this client: its address and port as the server sees them."""
+    host, port = client.writer.get_extra_info("sockname")[:2]
+    return f"{host}:{port}"
+
+
+def server_side_sockets(server: Server) -> int:
+    """Descriptors of this process that are connections accepted by `server` (Linux /proc)."""
+    port = server.sockets[0].getsockname()[1]
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                # State 0A is LISTEN: the listening socket is not a connection.
+                if local_port == port and fields[3] != "0A":
+                    inodes.add(fields[9])
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                count += 1
+    return count
+
+
+@aio
+async def test_at_the_cap_the_least_recently_active_idle_connection_makes_room(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="postfix_mtasts.server")
+    async with serving(max_connections=3) as server:
+        clients = [await Client.inet(server) for _ in range(3)]
+        # Last activity in the order 1, 0, 2: client 1 has been quiet the longest.
+        for i in (1, 0, 2):
+            assert await clients[i].ask(f"{i}.example") == f"OK secure match={i}.example"
+            await asyncio.sleep(0.02)
+        newcomer = await Client.inet(server)
+        assert await newcomer.ask("new.example") == "OK secure match=new.example"
+        assert await clients[1].closed_by_server()
+        for i in (0, 2):
+            assert await clients[i].ask(f"{i}.example") == f"OK secure match={i}.example"
+        assert server.connections == 3
+        assert server.connections_accepted == 4
+    lines = [r for r in caplog.records if _peer_of(clients[1]) in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].levelno == logging.INFO
+    assert "quiet for" in lines[0].getMessage()
+
+
+@aio
+async def test_at_the_cap_a_connection_waiting_for_a_lookup_makes_room_only_when_all_do() -> None:
+    responder = FakeResponder()
+    async with serving(responder, max_connections=2, request_timeout=60.0) as server:
+        busy = await Client.inet(server)
+        await busy.send("slow-busy")
+        await responder.wait_for_call("slow-busy")
+        idle = await Client.inet(server)
+        assert await idle.ask("idle.example") == "OK secure match=idle.example"
+        # `busy` has been quiet longer, but it waits for its answer: `idle` makes room.
         second = await Client.inet(server)
-        assert await first.ask("1.example") == "OK secure match=1.example"
-        assert await second.ask("2.example") == "OK secure match=2.example"
-        # The kernel completes the handshake (backlog); the server does not accept yet.
+        assert await second.ask("second.example") == "OK secure match=second.example"
+        assert await idle.closed_by_server()
+        assert await busy.no_reply_yet(0.05)
+        # Every connection waits for a lookup now: the least recently active one goes.
+        await second.send("slow-second")
+        await responder.wait_for_call("slow-second")
         third = await Client.inet(server)
-        await third.send("3.example")
-        assert await third.no_reply_yet(0.3)
+        assert await third.ask("third.example") == "OK secure match=third.example"
+        assert await busy.closed_by_server()
+        # Its lookup may be shared with other askers: never cancelled.
+        assert not responder.futures["slow-busy"].done()
+        responder.resolve("slow-second")
+        assert await second.reply() == "OK later slow-second"
         assert server.connections == 2
-        first.close()
-        assert await third.reply() == "OK secure match=3.example"
-        assert await second.ask("2.example") == "OK secure match=2.example"
-        assert server.connections == 2
-        assert server.connections_accepted == 3
-        second.close()
-        third.close()
+
+
+@aio
+async def test_clients_beyond_the_cap_are_served_and_descriptors_stay_bounded() -> None:
+    cap = 5
+    async with serving(max_connections=cap) as server:
+        peak = 0
+        sampling = True
+
+        async def sample() -> None:
+            nonlocal peak
+            while sampling:
+                peak = max(peak, server_side_sockets(server), server.connections)
+                await asyncio.sleep(0)
+
+        sampler = asyncio.create_task(sample())
+        # One at a time: each newcomer is answered at once, by closing an older connection.
+        for i in range(3 * cap):
+            client = await Client.inet(server)
+            assert await client.ask(f"{i}.example") == f"OK secure match={i}.example"
+        # All at once: each is accepted (and may be closed again by a later newcomer).
+        crowd = await asyncio.gather(*(Client.inet(server) for _ in range(40)))
+        for client in crowd:
+            await client.send("crowd.example")
+        await wait_until(lambda: server.connections_accepted == 3 * cap + 40)
+        last = await Client.inet(server)
+        assert await last.ask("last.example") == "OK secure match=last.example"
+        sampling = False
+        await sampler
+        assert server.connections <= cap
+        assert server_side_sockets(server) <= cap
+        # At most the cap plus the few connections being closed to make room (the server closes
+        # at most 8 at a time).
+        assert peak <= cap + 8, peak
 
 
 # --- graceful stop -----------------------------------------------------------------------------
