@@ -219,6 +219,16 @@ def _unexpired(decision: Decision, now: float) -> Decision:
     return replace(decision, policy=None, policy_text=None, expires_at=None, error="expired")
 
 
+def _in_force(decision: Decision | None, now: float) -> bool:
+    """Whether ``decision`` is an unexpired policy: one that is answered while it is checked."""
+    return (
+        decision is not None
+        and decision.policy is not None
+        and decision.expires_at is not None
+        and decision.expires_at > now
+    )
+
+
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "never"
@@ -421,7 +431,9 @@ class PolicyDB:
         plan = await loop.run_in_executor(self._store_pool, self._prepare, domain, current, unsaved)
         if not isinstance(plan, _Plan):
             return plan
-        background = current is not None and current.policy is not None
+        # A check behind an answer in force waits as long as it takes; a lookup someone waits
+        # for (nothing in force, or only an expired policy) only as long as they wait.
+        background = _in_force(current, self._clock())
         turns = self._turns
         await self._take_turn(domain, turns, background)
         try:
@@ -501,13 +513,7 @@ class PolicyDB:
             if now < valid_until and now < check_after:
                 # Fresh in the store: written before a restart, or by another daemon.
                 return _Result(entry, decision, unsaved is None)
-            answering = (
-                current is not None
-                and current.policy is not None
-                and current.expires_at is not None
-                and current.expires_at > now
-            )
-            if cached is not None and not answering:
+            if cached is not None and not _in_force(current, now):
                 # An unexpired policy in the store is the answer now, whatever DNS and HTTPS do
                 # later (§5): its check runs after the answer, never before it.
                 return _Result(entry, decision, unsaved is None, revalidate=True)
