@@ -233,6 +233,10 @@ def loads(text: str, source: str = "<string>", *, daemon_files: bool = True) -> 
     except RecursionError as exc:
         # tomllib parses nested arrays and inline tables recursively; no key of ours nests.
         raise ConfigError(f"{source}: arrays or inline tables nested too deep") from exc
+    except ValueError as exc:
+        # int() refuses integers of more than 4300 digits (sys.get_int_max_str_digits()); no
+        # value of ours needs more than ten.
+        raise ConfigError(f"{source}: a number too long to read ({exc})") from exc
     return _parse(_Table(data, "", source), daemon_files)
 
 

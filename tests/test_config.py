@@ -521,6 +521,12 @@ def test_nesting_too_deep_for_the_toml_parser_is_a_config_error(text: str) -> No
         loads(text, SOURCE)
 
 
+def test_an_integer_too_long_to_read_is_a_config_error() -> None:
+    # Python's int() refuses more than 4300 digits with a ValueError, which tomllib passes on.
+    with pytest.raises(ConfigError, match=rf"^{SOURCE}: a number too long to read"):
+        loads("[server]\nmax_connections = 1" + "0" * 5000 + "\n", SOURCE)
+
+
 def test_a_key_given_twice_is_a_syntax_error() -> None:
     with pytest.raises(ConfigError, match="line 3"):
         loads("[dns]\ntimeout = 1\ntimeout = 2\n", SOURCE)
