@@ -105,7 +105,9 @@ class Decoder:
     `feed` takes whatever bytes arrived and returns the payloads of the frames they complete,
     in order, possibly none and possibly several (pipelining). Bytes of an incomplete frame are
     kept for the next call; `buffered` tells how many. The buffer is bounded: at most one frame
-    of `max_length` bytes plus its framing.
+    of `max_length` bytes plus its framing, and, when the caller asks for at most `max_frames`
+    payloads at a time, the complete frames beyond them, as bytes (no more than the caller fed:
+    a server pauses reading until `feed(b"", n)` has taken them).
 
     After a `FramingError` the decoder is dead: every later `feed` raises `FramingError` too,
     since no frame boundary can be trusted any more. Payloads from the same `feed` call that
@@ -134,8 +136,10 @@ class Decoder:
         """True once a `FramingError` was raised; the decoder accepts nothing more."""
         return self._failed is not None
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add received bytes; return the payloads of the frames now complete."""
+    def feed(self, data: bytes, max_frames: int = 0) -> list[bytes]:
+        """Add received bytes; return the payloads of the frames now complete, at most
+        `max_frames` of them (0: all). Complete frames beyond those stay buffered, as bytes, for
+        the next call; `feed(b"", n)` takes them without adding any."""
         if self._failed is not None:
             raise FramingError(f"decoder stopped after an earlier error: {self._failed}")
         buf: bytes | bytearray
@@ -173,6 +177,8 @@ class Decoder:
                     raise MissingComma(f"netstring of {length} bytes is not followed by ','")
                 frames.append(bytes(buf[colon + 1 : comma]))
                 pos = comma + 1
+                if len(frames) == max_frames:
+                    break
         except FramingError as exc:
             self._failed = exc
             self._buffer = bytearray()

@@ -478,8 +478,12 @@ class _Connection(asyncio.Protocol):
         # the common case, where a reply is written the moment it is known.
         self._queue: collections.deque[bytes | _Pending] = collections.deque()
         self._pending = 0
-        # Frames received but not answered yet, from `_held_from` on. Reading is paused while
-        # any are held, so they are at most what one read brought.
+        # Frames are taken from the decoder a batch (max_pipelined) at a time: what a read
+        # brings beyond a batch waits in the decoder as bytes (`_backlog`), and what a batch
+        # holds beyond the pipeline bound waits here, from `_held_from` on. Reading is paused
+        # while either waits, so together they are at most what one read brought.
+        self._batch = server.max_pipelined
+        self._backlog = False
         self._held: list[bytes] | None = None
         self._held_from = 0
         # When a request was last received or a reply last sent. From the accept on: a
@@ -516,11 +520,9 @@ class _Connection(asyncio.Protocol):
         if self._closed or self._shutting_down:
             return
         try:
-            frames = self._decoder.feed(data)
+            frames = self._decoder.feed(data, self._batch)
         except FramingError as exc:
-            self._server.framing_errors += 1
-            log.warning("socketmap client %s: %s; closing the connection", self._peer, exc)
-            self._close()
+            self._framing_error(exc)
             return
         now = self._loop.time()
         self._last_activity = now
@@ -533,9 +535,18 @@ class _Connection(asyncio.Protocol):
         if frames:
             self._server.requests += len(frames)
             self._process(frames, 0)
+            if len(frames) == self._batch:
+                # The read brought a batch, and maybe more: the rest waits in the decoder.
+                self._backlog = True
+                self._take_buffered()
+
+    def _framing_error(self, exc: FramingError) -> None:
+        self._server.framing_errors += 1
+        log.warning("socketmap client %s: %s; closing the connection", self._peer, exc)
+        self._close()
 
     def eof_received(self) -> bool | None:
-        if self._queue or self._held is not None:
+        if self._queue or self._held is not None or self._backlog:
             # The client finished sending; keep the connection to deliver what it asked for.
             self._eof = True
             return True
@@ -638,6 +649,33 @@ class _Connection(asyncio.Protocol):
             return
         self._update_reading()
 
+    def _take_buffered(self) -> None:
+        """Answer the complete frames the decoder holds beyond the last batch, a batch at a
+        time, as far as the pipeline bound and the client's reading allow."""
+        while (
+            self._backlog
+            and self._held is None
+            and not self._closed
+            and not self._write_paused
+            and len(self._queue) < self._batch
+        ):
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                return
+            try:
+                frames = self._decoder.feed(b"", self._batch)
+            except FramingError as exc:
+                self._framing_error(exc)
+                return
+            self._backlog = len(frames) == self._batch
+            if not frames:
+                break
+            self._server.requests += len(frames)
+            self._process(frames, 0)
+        if not self._backlog and not self._decoder.buffered:
+            self._partial_since = None
+        self._update_reading()
+
     def _go_on(self) -> None:
         """After the pipeline or the client's reading made room: answer held frames, read
         again, or close once a client that finished sending has all its replies."""
@@ -659,10 +697,11 @@ class _Connection(asyncio.Protocol):
             self._process(held, self._held_from)
             if self._closed:
                 return
-        self._update_reading()
+        self._take_buffered()
         if (
             not self._queue
             and self._held is None
+            and not self._backlog
             and (self._eof or (self._shutting_down and not self._decoder.buffered))
         ):
             self._close()
@@ -800,6 +839,7 @@ class _Connection(asyncio.Protocol):
             self._write_paused
             or self._shutting_down
             or self._held is not None
+            or self._backlog
             or len(self._queue) >= self._server.max_pipelined
         )
         if pause and not self._reading_paused:
@@ -858,7 +898,7 @@ class _Connection(asyncio.Protocol):
             return
         self._shutting_down = True
         self._update_reading()
-        if not self._queue and self._held is None:
+        if not self._queue and self._held is None and not self._backlog:
             self._close()
 
     def _close(self) -> None:

@@ -336,3 +336,39 @@ def test_encode_reply_refuses_an_ok_over_the_reply_limit() -> None:
 def test_public_names_are_exported() -> None:
     for name in netstring.__all__:
         assert hasattr(netstring, name)
+
+
+def test_feed_hands_out_at_most_max_frames_and_keeps_the_rest_as_bytes() -> None:
+    decoder = Decoder()
+    wire = b"".join(encode(f"postfix d{i}.example".encode()) for i in range(7)) + b"7:post"
+    assert decoder.feed(wire, 3) == [f"postfix d{i}.example".encode() for i in range(3)]
+    # Four complete frames and the start of a fifth wait, as the bytes that came.
+    assert decoder.buffered == len(wire) - 3 * len(encode(b"postfix d0.example"))
+    assert decoder.feed(b"", 3) == [f"postfix d{i}.example".encode() for i in range(3, 6)]
+    assert decoder.feed(b"fix,", 3) == [b"postfix d6.example", b"postfix"]
+    assert decoder.buffered == 0
+
+
+@given(
+    payloads=st.lists(st.binary(max_size=30), max_size=40),
+    batch=st.integers(min_value=1, max_value=8),
+    cut=st.integers(min_value=0, max_value=2000),
+)
+def test_taking_frames_in_batches_yields_every_frame_in_order(
+    payloads: list[bytes], batch: int, cut: int
+) -> None:
+    wire = b"".join(encode(p) for p in payloads)
+    decoder = Decoder()
+    got = decoder.feed(wire[:cut], batch)
+    assert len(got) <= batch
+    rest = decoder.feed(wire[cut:], batch)
+    assert len(rest) <= batch
+    got += rest
+    while True:
+        more = decoder.feed(b"", batch)
+        assert len(more) <= batch
+        if not more:
+            break
+        got += more
+    assert got == payloads
+    assert decoder.buffered == 0

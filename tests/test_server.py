@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -573,6 +574,52 @@ async def test_replies_wait_while_the_client_does_not_read_and_nothing_is_lost()
                 replies.extend(decoder.feed(data))
         assert replies == [f"OK secure match={key}".encode() for key in keys]
         writer.close()
+
+
+class CountingResponder:
+    """Answers every key NOTFOUND at once and only counts: it keeps nothing per request."""
+
+    def __init__(self) -> None:
+        self.answered = 0
+
+    def lookup(self, name: str, key: str) -> bytes:
+        self.answered += 1
+        return encode(b"NOTFOUND ")
+
+
+@aio
+async def test_requests_waiting_for_a_client_that_does_not_read_are_kept_as_bytes() -> None:
+    # Tiny requests, one write of 240 KB per client, and no client reads its replies: what the
+    # server holds meanwhile is the bytes that came (and at most a batch decoded), not tens of
+    # thousands of objects (about 1 MB per client before).
+    responder = CountingResponder()
+    clients = 4
+    flood = encode(b"postfix a") * 20000
+    async with serving(responder, max_pipelined=100) as server:
+        host, port = server.sockets[0].getsockname()[:2]
+        server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        socks = []
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(clients):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect((host, port))
+                sock.setblocking(False)
+                sent = 0
+                with contextlib.suppress(BlockingIOError):
+                    while sent < len(flood):
+                        sent += sock.send(memoryview(flood)[sent:])
+                socks.append(sock)
+            await asyncio.sleep(1.0)
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+            for sock in socks:
+                sock.close()
+        assert responder.answered < clients * 20000, "the clients' replies were not held back"
+    assert held < clients * 300_000, f"{held} bytes held for {clients} clients"
 
 
 # --- timeouts ----------------------------------------------------------------------------------
