@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from bed import Bed, policy_text
+from cachefiles import damaged_cache
 from hostile_dns import HostileDNS, wait_for
 from mtasts_daemon import REPO, Daemon, netstring, running_daemon
 
@@ -491,13 +492,7 @@ def test_a_file_that_is_not_our_cache_is_refused_and_left_untouched(
 
 def test_a_damaged_cache_of_ours_is_moved_aside(bed: Bed, tmp_path: Path) -> None:
     path = tmp_path / "cache.sqlite"
-    store = SqliteStore(str(path))
-    for n in range(300):
-        store.put(Entry(f"d{n}.example", "1", None, None, None, None, 1.0))
-    store.close()
-    with open(path, "r+b") as f:
-        f.seek(4096 * 2)
-        f.write(b"\x55" * 4096 * 4)
+    damaged_cache(path)
     settings = {"cache": {"backend": "sqlite", "path": str(path)}}
     with running_daemon(bed, tmp_path / "run", settings=settings) as daemon:
         assert daemon.request(bed.domain("enforce")).startswith("OK secure")

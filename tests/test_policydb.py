@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from bed import Bed, policy_text
+from cachefiles import damaged_cache
 
 from postfix_mtasts import config, service
 from postfix_mtasts.fetch import Fetcher
@@ -815,18 +816,6 @@ def test_restart_keeps_the_cache(
         store.close()
 
 
-def _damaged_cache(path: Path) -> bytes:
-    """A cache of ours with damaged pages: its bytes."""
-    store = open_store("sqlite", str(path))
-    for n in range(300):
-        store.put(Entry(f"d{n}.example", "1", None, None, None, None, 1.0))
-    store.close()
-    with open(path, "r+b") as f:
-        f.seek(4096 * 2)
-        f.write(b"\x55" * 4096 * 4)
-    return path.read_bytes()
-
-
 @pytest.mark.parametrize("kind", ["damaged", "empty"])
 def test_corrupted_cache_file_is_survived(
     bed: Bed,
@@ -838,7 +827,7 @@ def test_corrupted_cache_file_is_survived(
     site = publish(bed, "corrupt")
     path = tmp_path / "cache.sqlite"
     if kind == "damaged":
-        garbage = _damaged_cache(path)
+        garbage = damaged_cache(path)
     else:
         garbage = b""
         path.write_bytes(garbage)

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cachefiles import damaged_cache
 
 from postfix_mtasts.store import (
     MAX_POLICY_TEXT,
     CorruptStoreError,
-    ForeignFileError,
     Entry,
+    ForeignFileError,
     Store,
     StoreError,
     open_store,
@@ -297,13 +298,7 @@ def test_a_file_of_garbage_is_refused_and_left_alone(tmp_path: Path) -> None:
 def test_a_cache_with_damaged_pages_is_a_corrupt_store_error(
     open_sqlite: Opener, cache_path: str
 ) -> None:
-    s = open_sqlite()
-    for i in range(300):
-        s.put(entry(f"d{i}.example"))
-    s.close()
-    with open(cache_path, "r+b") as f:
-        f.seek(4096 * 2)
-        f.write(b"\x55" * 4096 * 4)
+    damaged_cache(cache_path)
     with pytest.raises(CorruptStoreError, match=rf"^{cache_path}: .*malformed"):
         open_sqlite()
 
@@ -311,14 +306,7 @@ def test_a_cache_with_damaged_pages_is_a_corrupt_store_error(
 def test_a_damaged_cache_moved_aside_gives_an_empty_cache(
     open_sqlite: Opener, cache_path: str
 ) -> None:
-    s = open_sqlite()
-    for i in range(300):
-        s.put(entry(f"d{i}.example"))
-    s.close()
-    with open(cache_path, "r+b") as f:
-        f.seek(4096 * 2)
-        f.write(b"\x55" * 4096 * 4)
-    damaged = Path(cache_path).read_bytes()
+    damaged = damaged_cache(cache_path)
     with pytest.raises(CorruptStoreError):
         open_sqlite()
     aside = move_aside(cache_path)
