@@ -201,7 +201,12 @@ def _parse_inet(spec: str, address: str) -> tuple[str, int]:
         if not all(c.isascii() and (c.isalnum() or c in "-.") for c in host):
             raise ListenerError(f"listener {spec!r}: {host!r} is not a host name or address")
     # Port 0 (any free port) is allowed: tests use it, and `Server.sockets` tells the port.
-    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+    # Five digits at most before int(): it refuses strings of thousands of digits (ValueError).
+    if (
+        not (port_text.isascii() and port_text.isdigit())
+        or len(port_text) > 5
+        or int(port_text) > 65535
+    ):
         raise ListenerError(f"listener {spec!r}: port {port_text!r} is not a number up to 65535")
     return host, int(port_text)
 

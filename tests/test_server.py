@@ -885,6 +885,8 @@ def test_listener_spec_is_parsed(spec: str, listener: object) -> None:
         "inet:127.0.0.1:",
         "inet:127.0.0.1:port",
         "inet:127.0.0.1:65536",
+        "inet:127.0.0.1:000065535",
+        "inet:127.0.0.1:" + "9" * 5000,
         "inet:127.0.0.1:-1",
         "inet:::1:8461",
         "inet:[::1]8461",
