@@ -67,7 +67,8 @@ def _general_policy_domain(key: str) -> str | None:
         return None
     host, colon, port = key.rpartition(":")
     if colon:
-        if not port.isdigit() or not host or ":" in host:
+        # str.isdigit() alone is true for "²" and "٢٥" too: a port is ASCII digits.
+        if not (port.isascii() and port.isdigit()) or not host or ":" in host:
             # An IPv6 address, or a port that is not a number: not a domain.
             return None
         key = host

@@ -262,6 +262,17 @@ def test_parse_record_rejects_invalid_records(text: str) -> None:
         parse_record(text)
 
 
+def test_records_as_long_as_a_txt_record_can_be_are_judged_like_short_ones() -> None:
+    # About 64 KiB of WSP: a delimiter's WSP, or WSP where no delimiter follows. (The first
+    # parser split with a regular expression that took quadratic time on the second.)
+    wsp = " \t" * 32000
+    assert parse_record(f"v=STSv1;{wsp}id=1{wsp};{wsp}") == Record("STSv1", "1")
+    with pytest.raises(RecordSyntaxError):
+        parse_record(f"v=STSv1; id=1{wsp}x")
+    with pytest.raises(RecordSyntaxError):
+        parse_record(f"v=STSv1{wsp}")
+
+
 def test_record_syntax_error_names_the_domain_and_the_record() -> None:
     with pytest.raises(RecordSyntaxError) as info:
         parse_record("v=STSv1; id=a-b", "example.com")
@@ -586,6 +597,14 @@ def test_mx_values_that_are_host_names_are_accepted(pattern: str, expected: MX) 
         pytest.param("xn--bcher-kva-.example", id="a-label-trailing-hyphen"),
         pytest.param("xn--ls8h.example", id="a-label-idna2008-disallowed"),
         pytest.param("mail.ex\u0430mple.com", id="cyrillic-a-lookalike"),
+        # Characters are judged before lower-casing: these fold to ASCII, but are not ASCII.
+        pytest.param("mail.\u212aelvin.com", id="kelvin-sign-lowercases-to-k"),
+        pytest.param("*.\u212aelvin.com", id="kelvin-sign-in-wildcard"),
+        pytest.param("\u0130stanbul.example", id="capital-i-with-dot"),
+        pytest.param("mail.\u017fecure.example", id="long-s-casefolds-to-s"),
+        pytest.param("mail.\uff45xample.com", id="fullwidth-letter"),
+        pytest.param("mail\u3002example.com", id="ideographic-full-stop"),
+        pytest.param("mx\u0661.example.com", id="arabic-indic-digit"),
     ],
 )
 def test_mx_values_that_are_not_host_names_are_rejected(pattern: str) -> None:
@@ -852,6 +871,22 @@ def test_policy_without_mx_matches_nothing() -> None:
 def test_mx_str_is_the_policy_pattern(mx: MX, text: str) -> None:
     assert str(mx) == text
     assert str(parse_policy(enforce_mx(text.upper())).mx[0]) == text
+
+
+def test_record_to_text_is_the_published_form_and_parses_back() -> None:
+    record = Record("STSv1", "20190429T010101", (("ext", "a"), ("b.c", "x:y")))
+    assert record.to_text() == "v=STSv1; id=20190429T010101; ext=a; b.c=x:y"
+    assert parse_record(record.to_text()) == record
+    assert Record("STSv1", "1").to_text() == "v=STSv1; id=1"
+
+
+def test_policy_to_text_is_one_field_a_line_and_parses_back() -> None:
+    served = RFC_EXAMPLE.replace("\n", "\r\n").replace(": ", ":\t") + "note:  Grüße \r\n"
+    policy = parse_policy(served)
+    # The fields in a fixed order, LF line ends, one space after ":", as the RFC's example.
+    assert policy.to_text() == RFC_EXAMPLE + "note: Grüße\n"
+    assert parse_policy(policy.to_text()) == policy
+    assert Policy("STSv1", Mode.NONE, (), 0).to_text() == "version: STSv1\nmode: none\nmax_age: 0\n"
 
 
 # --------------------------------------------------------------------------------------------------

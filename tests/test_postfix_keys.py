@@ -175,6 +175,11 @@ def test_ip_addresses_have_no_policy(key: str) -> None:
         "example.com:smtp",
         "example.com:25:25",
         ":25",
+        # str.isdigit() is true for these; a port is ASCII digits.
+        "example.com:\u0661\u0662",
+        "example.com:\u00b2",
+        "example.com:\uff12\uff15",
+        "bücher.example:\u0662\u0665",
         # Too long: a label over 63 octets, a name over 253.
         f"{'a' * 64}.example",
         ".".join(["a" * 63] * 4) + ".com",
