@@ -56,6 +56,13 @@ Testing = Literal["notfound", "may", "secure"]
 Backend = Literal["sqlite", "memory"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
+# The longest line read. tomllib reads a dotted key of n parts in time quadratic in n (it
+# checks every prefix against the tables defined so far); with lines this short, what a line
+# can cost is bounded, and reading a file takes time linear in its size (and no integer is
+# longer than the 4300 digits int() reads). No key of ours needs more than three parts, and an
+# array may span lines.
+MAX_LINE = 1024
+
 # Postfix waits up to 100 s for a socketmap reply (socketmap_table(5)); a later answer is lost.
 POSTFIX_TIMEOUT = 100.0
 
@@ -225,6 +232,12 @@ def load(path: str | None, *, daemon_files: bool = True) -> Config:
 
 def loads(text: str, source: str = "<string>", *, daemon_files: bool = True) -> Config:
     """Validate TOML text; `source` names it in error messages (`daemon_files`: see load)."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if len(line) > MAX_LINE:
+            raise ConfigError(
+                f"{source}: line {number}: longer than {MAX_LINE} characters"
+                " (split an array over several lines)"
+            )
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -233,10 +246,6 @@ def loads(text: str, source: str = "<string>", *, daemon_files: bool = True) -> 
     except RecursionError as exc:
         # tomllib parses nested arrays and inline tables recursively; no key of ours nests.
         raise ConfigError(f"{source}: arrays or inline tables nested too deep") from exc
-    except ValueError as exc:
-        # int() refuses integers of more than 4300 digits (sys.get_int_max_str_digits()); no
-        # value of ours needs more than ten.
-        raise ConfigError(f"{source}: a number too long to read ({exc})") from exc
     return _parse(_Table(data, "", source), daemon_files)
 
 
