@@ -935,6 +935,11 @@ class DaneCache:
                     del self._verdicts[old]
         self._verdicts[domain] = (verdict, now + verdict.ttl, now + verdict.ttl * 0.75)
 
+    @property
+    def size(self) -> int:
+        """Verdicts held (for statistics)."""
+        return len(self._verdicts)
+
     def prune(self) -> None:
         """Forget expired verdicts (called from maintenance)."""
         now = self._clock()

@@ -530,7 +530,10 @@ class _Daemon:
 
         # In a thread: a resolver that does not answer must not hold up start or reload.
         asyncio.get_running_loop().run_in_executor(None, check_validation)
-        return DaneCache(resolver, deadline=self.settings.cache.first_lookup_deadline)
+        cache = self.settings.cache
+        return DaneCache(
+            resolver, deadline=cache.first_lookup_deadline, max_verdicts=cache.memory_domains
+        )
 
     def reload(self) -> None:
         """SIGHUP: reopen logs and apply a re-read configuration; keep the old one on error."""

@@ -15,6 +15,7 @@ resolver, and the TLSRPT attributes an opted-in socketmap name adds to MTA-STS a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from bed import (
 from mtasts_daemon import DANE_EXTRA, postmap, running_daemon
 
 from postfix_mtasts import dane
+from postfix_mtasts.policydb import DaneCache
 from postfix_mtasts.resolver import DNSTemporaryError, Resolver
 
 if TYPE_CHECKING:
@@ -458,3 +460,26 @@ def test_daemon_with_a_validating_resolver_does_not_warn(dane_daemon: Daemon) ->
     log = wait_for_log(dane_daemon, "resolver validates DNSSEC")
     assert "does not validate" not in log
     assert f"AD bit set for {DANE_ZONE}" in log
+
+
+# --------------------------------------------------------------------------------------------------
+# The verdict cache is bounded: a client asking for made-up names does not grow it without end.
+
+
+def test_dane_verdicts_held_are_bounded(bed: Bed, validating: Resolver) -> None:
+    names = [bed.unique_dane_domain("noverdict") for _ in range(25)]
+
+    async def scenario() -> None:
+        cache = DaneCache(validating, max_verdicts=10)
+        try:
+            for name in names:
+                answer = cache.lookup(name)
+                if isinstance(answer, asyncio.Future):
+                    await answer
+                assert cache.size <= 10
+            # The newest verdict is among those kept: answered at once.
+            assert isinstance(cache.lookup(names[-1]), dane.DaneResult)
+        finally:
+            cache.close()
+
+    asyncio.run(scenario())
