@@ -8,9 +8,9 @@ what to fix. `dump()` writes the effective settings back as TOML that `load()` a
 
 A value that cannot work is refused here, not found out later by the daemon: every duration and
 count has an upper bound as well as a lower one, and the files the daemon will open (the CA file,
-the log file) are tried now, by the process reading the configuration, the way the daemon opens
-them. `check-config` and `serve` both read the file through `load()`, so what one accepts the
-other can start with.
+the log file, the cache file) are tried now, by the process reading the configuration, the way the
+daemon opens them. `check-config` and `serve` both read the file through `load()`, so what one
+accepts the other can start with.
 
 docs/configuration.md is the reference of every key; keep the two in step.
 """
