@@ -20,11 +20,7 @@ with atheris.instrument_imports(include=["postfix_mtasts", "parser_properties", 
 
 
 def test_one_input(data: bytes) -> None:
-    try:
-        key = data.decode("utf-8")
-    except UnicodeDecodeError:
-        key = atheris.FuzzedDataProvider(data).ConsumeUnicodeNoSurrogates(len(data))
-    parser_properties.check_key(key)
+    parser_properties.check_key(harness.as_text(data))
 
 
 def main() -> None:

@@ -19,11 +19,7 @@ with atheris.instrument_imports(include=["postfix_mtasts", "parser_properties"])
 
 
 def test_one_input(data: bytes) -> None:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = atheris.FuzzedDataProvider(data).ConsumeUnicodeNoSurrogates(len(data))
-    parser_properties.check_record(text)
+    parser_properties.check_record(harness.as_text(data))
 
 
 def main() -> None:

@@ -46,3 +46,13 @@ def fuzz(test_one_input: Callable[[bytes], None], target: str) -> None:
         args.append(f"-dict={Path(__file__).resolve().parent / f'{target}.dict'}")
     atheris.Setup(args, test_one_input, custom_mutator=repeat_a_piece)
     atheris.Fuzz()
+
+
+def as_text(data: bytes) -> str:
+    """The input as text: UTF-8 when it is, else the text the data provider makes of the bytes
+    (any code point but surrogates), so that non-UTF-8 inputs still try every Unicode trick."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        text: str = atheris.FuzzedDataProvider(data).ConsumeUnicodeNoSurrogates(len(data))
+        return text
