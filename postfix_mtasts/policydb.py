@@ -193,13 +193,8 @@ class _Outage:
             return
         with self._lock:
             count, self._failures = self._failures, 0
-            self._logged_at = -math.inf
         if count:
             log.warning("%s: works again after %d failures", self.what, count)
-
-    @property
-    def failing(self) -> bool:
-        return self._failures > 0
 
 
 @dataclass(frozen=True, slots=True)
