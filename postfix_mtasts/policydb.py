@@ -200,11 +200,13 @@ class _Outage:
 @dataclass(frozen=True, slots=True)
 class _Plan:
     """Where the network part of a lookup starts: the time it started, the entry to update (an
-    expired policy already taken out) and the policy in force, if any."""
+    expired policy already taken out) and the policy in force, if any. ``unread`` is why the store
+    could not be read ("" when it was): what it may hold is then unknown."""
 
     now: float
     base: Entry
     cached: Policy | None
+    unread: str = ""
 
 
 def _unexpired(decision: Decision, now: float) -> Decision:
@@ -487,7 +489,13 @@ class PolicyDB:
         """In the thread pool: the stored entry's answer when it may be given now, else what the
         network part of the lookup starts from."""
         now = self._clock()
-        entry = unsaved or self._load(domain)
+        unread = ""
+        entry = unsaved
+        if entry is None:
+            try:
+                entry = self._load(domain)
+            except StoreError as exc:
+                unread = str(exc)
         if entry is None and current is not None and current.policy is not None:
             # The store lost the entry (purged, replaced, unreadable), but the policy in memory
             # must still be applied until it expires (§5): go on from what the decision says.
@@ -534,7 +542,7 @@ class PolicyDB:
                     _when(base.expires_at),
                 )
             base = replace(base, policy_text=None, fetched_at=None, expires_at=None)
-        return _Plan(now, base, cached)
+        return _Plan(now, base, cached, unread)
 
     def _fetch_due(self, plan: _Plan, record: mtasts.Record) -> bool:
         """Whether the policy must be fetched: none cached, a new ``id``, or a refresh due."""
@@ -555,6 +563,13 @@ class PolicyDB:
     ) -> _Result:
         """In the thread pool: the fetch when due, then the new entry into the store."""
         new_entry, decision, outcome = self._revalidate(domain, plan, record, due, ipv4)
+        failed = isinstance(record, mtasts.DNSError) or (
+            isinstance(record, mtasts.Record) and decision.policy is None
+        )
+        if plan.unread and failed and decision.policy is None:
+            # Nothing known from the network, and the store, which may hold an unexpired policy
+            # (§5: it must be applied), could not be read: a local failure, not "no policy".
+            raise LocalError(f"{domain}: {outcome}; and the cache cannot be read ({plan.unread})")
         new_entry = replace(new_entry, last_used=max(new_entry.last_used, plan.now))
         elapsed = (time.monotonic() - started) * 1000
         log.info("%s: %s (%.0f ms)", domain, outcome, elapsed)
@@ -676,14 +691,16 @@ class PolicyDB:
             return None
 
     # ---------------------------------------------------------------------------------------------
-    # The store. Its failures cost lookups, never answers; they are logged once per outage.
+    # The store. Its failures cost lookups, never answers (a domain the network says nothing
+    # definite about, while the store cannot be read, is deferred); logged once per outage.
 
     def _load(self, domain: str) -> Entry | None:
+        """The stored entry; a StoreError is logged (once per outage) and raised."""
         try:
             entry = self.store.get(domain)
         except StoreError as exc:
             self._store_reads.failed(str(exc), f"looking {domain} and others up instead")
-            return None
+            raise
         self._store_reads.succeeded()
         return entry
 

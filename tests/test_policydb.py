@@ -1217,3 +1217,34 @@ def test_store_write_failures_are_logged_once_and_written_when_it_works_again(
             assert reply(answered_at_once(db, site.domain)) == enforce_reply(site)
 
     run(db, scenario)
+
+
+def test_a_store_that_cannot_be_read_defers_what_the_network_cannot_settle(
+    bed: Bed, make_db: MakeDB
+) -> None:
+    # The store may hold an unexpired policy it cannot hand out: a DNS failure then says nothing,
+    # and the domain is deferred, not answered "no policy". What the network settles (a policy,
+    # no record) is answered as always.
+    class Unreadable:
+        def __init__(self) -> None:
+            self.inner = open_store("memory", "")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def get(self, domain: str) -> Entry | None:
+            raise StoreError("test store: I/O error")
+
+    site = publish(bed, "unreadable")
+    none = publish(bed, "unreadablenone", record=None)
+    db = make_db(Unreadable())  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        assert reply(await answered_later(db, site.domain)) == enforce_reply(site)
+        assert reply(await answered_later(db, none.domain)) == NOTFOUND
+        db.resolver = Resolver([bed.dead_nameserver], timeout=0.3)
+        unknown = await answered_later(db, bed.unique_domain("unreadabledns"))
+        assert unknown.policy is None
+        assert "the cache cannot be read" in unknown.defer
+
+    run(db, scenario)
