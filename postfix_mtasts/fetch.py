@@ -45,8 +45,7 @@ import urllib3.util
 from postfix_mtasts import __version__
 from postfix_mtasts.resolver import (
     AddressOutcome,
-    DNSNotFound,
-    DNSTemporaryError,
+    DNSFailure,
     LocalError,
     Resolver,
     local_cause,
@@ -415,7 +414,7 @@ class Fetcher:
                         # Only a failed TCP connection moves on to the next address: once a
                         # server has answered, its answer (a status, a certificate) is final.
                         failures.append(exc)
-        except (DNSNotFound, DNSTemporaryError) as exc:
+        except DNSFailure as exc:
             raise FetchError(f"{url}: {exc}") from exc
         finally:
             _deadline.value = math.inf

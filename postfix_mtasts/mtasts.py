@@ -470,7 +470,7 @@ def lookup_record(domain: str, resolver: TXTResolver) -> tuple[Record, str]:
     name = f"_mta-sts.{domain}"
     try:
         texts = resolver.txt(name)
-    except (_resolver.DNSNotFound, _resolver.DNSTemporaryError) as exc:
+    except _resolver.DNSFailure as exc:
         raise _record_lookup_error(domain, exc) from exc
     return _the_record(domain, name, texts)
 
@@ -481,7 +481,7 @@ async def lookup_record_async(domain: str, resolver: _resolver.Resolver) -> tupl
     name = f"_mta-sts.{domain}"
     try:
         texts = await resolver.txt_async(name)
-    except (_resolver.DNSNotFound, _resolver.DNSTemporaryError) as exc:
+    except _resolver.DNSFailure as exc:
         raise _record_lookup_error(domain, exc) from exc
     return _the_record(domain, name, texts)
 

@@ -49,8 +49,7 @@ from postfix_mtasts.fetch import Fetcher
 from postfix_mtasts.mtasts import Mode, Policy
 from postfix_mtasts.resolver import (
     AddressOutcome,
-    DNSNotFound,
-    DNSTemporaryError,
+    DNSFailure,
     LocalError,
     Resolver,
 )
@@ -446,7 +445,7 @@ class PolicyDB:
             if due:
                 try:
                     ipv4 = await self.resolver.ipv4_async(mtasts.policy_host(domain))
-                except (DNSNotFound, DNSTemporaryError) as exc:
+                except DNSFailure as exc:
                     ipv4 = exc
             result = await loop.run_in_executor(
                 self._pool, self._finish, domain, plan, record, due, ipv4, started

@@ -48,6 +48,7 @@ import dns.rrset
 
 __all__ = [
     "AddressOutcome",
+    "DNSFailure",
     "DNSNotFound",
     "DNSTemporaryError",
     "LocalError",
@@ -71,11 +72,15 @@ _MAX_UDP_REPLY = 65535
 _NAMESERVER_TEXT = re.compile(r"[A-Za-z0-9]+:(.+)@[0-9]+")
 
 
-class DNSNotFound(Exception):
+class DNSFailure(Exception):
+    """A DNS question without a usable answer: the one name callers catch."""
+
+
+class DNSNotFound(DNSFailure):
     """The name or the record type does not exist (NXDOMAIN or NODATA)."""
 
 
-class DNSTemporaryError(Exception):
+class DNSTemporaryError(DNSFailure):
     """No usable answer: SERVFAIL, REFUSED, a timeout, no nameserver answered, a malformed reply."""
 
 
@@ -115,7 +120,7 @@ def local_cause(exc: BaseException) -> OSError | None:
 
 
 # What an A query already made came to: the addresses, or the error it raised (None: not made).
-AddressOutcome = list[str] | DNSNotFound | DNSTemporaryError | None
+AddressOutcome = list[str] | DNSFailure | None
 
 
 # EDNS buffer size of the DNSSEC queries (the DNS Flag Day 2020 value: no fragmentation).

@@ -27,6 +27,7 @@ from bed import SCENARIOS, Bed
 
 from postfix_mtasts.resolver import (
     AddressOutcome,
+    DNSFailure,
     DNSNotFound,
     DNSTemporaryError,
     Resolver,
@@ -65,7 +66,7 @@ def _addresses_on_a_loop(resolver: Resolver, name: str) -> list[str]:
     ipv4: AddressOutcome
     try:
         ipv4 = asyncio.run(resolver.ipv4_async(name))
-    except (DNSNotFound, DNSTemporaryError) as exc:
+    except DNSFailure as exc:
         ipv4 = exc
     return [address for family in resolver.address_families(name, ipv4) for address in family]
 
