@@ -71,7 +71,8 @@ HANG_ROUNDS = 3
 SCALE_DOMAINS = 100_000
 SCALE_BASE = 100
 SCALE_CONNS = 50
-RSS_LIMIT_MB = 200.0
+# Issue 11: the hot path keeps little per domain (framed replies and a few timestamps).
+RSS_LIMIT_MB = 100.0
 STARTUP_LIMIT_S = 0.300
 
 
