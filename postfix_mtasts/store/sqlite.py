@@ -396,7 +396,8 @@ def check_ours(path: str) -> None:
     try:
         with open(path, "rb") as file:
             header = file.read(100)
-    except OSError:
+    except (OSError, ValueError):
+        # ValueError: a name the file system cannot encode (a lone surrogate); no such file.
         return
     if not header:
         return
