@@ -17,17 +17,27 @@ The decision, in RFC 7672's terms:
 
 Any lookup the decision needs that fails temporarily makes the whole answer ``TEMP``: a DANE
 domain must never fall back to a weaker policy because its DNS is briefly unreachable.
+
+``DaneCache`` keeps the verdicts for as long as their DNS TTLs allow, in memory only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import enum
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from postfix_mtasts.lookups import SingleFlight
 from postfix_mtasts.resolver import DNSTemporaryError, SecureAnswer
 
-__all__ = ["DaneResult", "DaneState", "HostDane", "evaluate", "tlsa_usable"]
+__all__ = ["DaneCache", "DaneResult", "DaneState", "HostDane", "evaluate", "tlsa_usable"]
+
+log = logging.getLogger("postfix_mtasts.dane")
 
 # Bounds on how long a DANE verdict is kept: the DNS TTLs, but not less (a domain answering with
 # TTL 0 would cost four queries per delivery) and not more (a change is seen within the hour).
@@ -163,3 +173,105 @@ def evaluate(domain: str, resolver: SecureResolver) -> DaneResult:
 
 def _bounded(ttl: int) -> int:
     return max(MIN_TTL, min(ttl, MAX_TTL))
+
+
+class DaneCache:
+    """DANE verdicts, kept as long as the DNS TTLs allow.
+
+    Separate from the MTA-STS policies: a verdict lives by its DNS TTLs (bounded by
+    ``MIN_TTL``/``MAX_TTL``) and in memory only. Like the policy cache it answers at once while a
+    verdict is fresh, revalidates in the background when three quarters of its TTL have passed,
+    and lets concurrent askers for a new domain share one lookup (:mod:`lookups`). A verdict is
+    never answered past its TTL.
+    """
+
+    def __init__(
+        self,
+        resolver: SecureResolver,
+        *,
+        deadline: float = 30.0,
+        threads: int = 20,
+        max_verdicts: int = 200000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.resolver = resolver
+        self.deadline = deadline
+        self.max_verdicts = max_verdicts
+        self._clock = clock
+        # domain -> (verdict, valid until, refresh after)
+        self._verdicts: dict[str, tuple[DaneResult, float, float]] = {}
+        self._lookups: SingleFlight[str, DaneResult] = SingleFlight()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="dane"
+        )
+        self.lookups = 0
+
+    def lookup(self, domain: str) -> DaneResult | asyncio.Future[DaneResult]:
+        now = self._clock()
+        known = self._verdicts.get(domain)
+        if known is not None:
+            verdict, valid_until, refresh_after = known
+            if now < valid_until:
+                if now >= refresh_after and domain not in self._lookups:
+                    self._start(domain)
+                return verdict
+        return self._lookups.ask(
+            domain, lambda: self._start(domain), self.deadline, _same, self._temp
+        )
+
+    def _temp(self, domain: str, job: asyncio.Future[DaneResult], exc: Exception) -> DaneResult:
+        if isinstance(exc, TimeoutError):
+            reason = f"DANE lookup still running after {self.deadline:.0f}s"
+        else:
+            reason = f"DANE lookup failed: {exc}"
+        # Never a weaker answer for want of DNS: Postfix defers and asks again later.
+        return DaneResult(domain, DaneState.TEMP, reason=reason, ttl=0)
+
+    def _start(self, domain: str) -> asyncio.Future[DaneResult]:
+        job = asyncio.get_running_loop().run_in_executor(self._pool, self._evaluate, domain)
+        return self._lookups.start(domain, job, self._finished)
+
+    def _evaluate(self, domain: str) -> DaneResult:
+        started = time.monotonic()
+        self.lookups += 1
+        verdict = evaluate(domain, self.resolver)
+        elapsed = (time.monotonic() - started) * 1000
+        hosts = ", ".join(f"{h.host} {h.state}" for h in verdict.hosts)
+        line = f"{domain}: DANE {verdict.state} ({verdict.reason}{'; ' if hosts else ''}{hosts})"
+        if verdict.state is DaneState.TEMP:
+            log.warning("%s; deferring mail to it (%.0f ms)", line, elapsed)
+        else:
+            log.info("%s (%.0f ms)", line, elapsed)
+        return verdict
+
+    def _finished(self, domain: str, job: asyncio.Future[DaneResult]) -> None:
+        if job.cancelled() or job.exception() is not None:
+            return
+        verdict = job.result()
+        now = self._clock()
+        if domain not in self._verdicts and len(self._verdicts) >= self.max_verdicts:
+            # Bounded like the policies: expired verdicts go first, then the oldest tenth.
+            self.prune()
+            if len(self._verdicts) >= self.max_verdicts:
+                for old in list(self._verdicts)[: max(1, self.max_verdicts // 10)]:
+                    del self._verdicts[old]
+        self._verdicts[domain] = (verdict, now + verdict.ttl, now + verdict.ttl * 0.75)
+
+    @property
+    def size(self) -> int:
+        """Verdicts held (for statistics)."""
+        return len(self._verdicts)
+
+    def prune(self) -> None:
+        """Forget expired verdicts (called from maintenance)."""
+        now = self._clock()
+        for domain, (_, valid_until, _) in list(self._verdicts.items()):
+            if valid_until <= now:
+                del self._verdicts[domain]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _same(verdict: DaneResult) -> DaneResult:
+    return verdict

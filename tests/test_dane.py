@@ -43,7 +43,7 @@ from bed import (
 from mtasts_daemon import DANE_EXTRA, postmap, running_daemon
 
 from postfix_mtasts import dane
-from postfix_mtasts.policydb import DaneCache
+from postfix_mtasts.dane import DaneCache
 from postfix_mtasts.resolver import DNSTemporaryError, Resolver
 
 if TYPE_CHECKING:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -29,7 +30,7 @@ from cachefiles import damaged_cache
 from postfix_mtasts import config, service
 from postfix_mtasts.fetch import Fetcher
 from postfix_mtasts.mtasts import Mode
-from postfix_mtasts.policydb import CacheSettings, Decision, PolicyDB
+from postfix_mtasts.policydb import Decision, PolicyDB
 from postfix_mtasts.postfix import NOTFOUND, policy_reply
 from postfix_mtasts.resolver import Resolver
 from postfix_mtasts.store import Entry, Store, StoreError, open_store
@@ -123,7 +124,7 @@ MakeDB = Callable[..., PolicyDB]
 @pytest.fixture
 def make_db(bed: Bed, clock: FakeClock) -> Iterator[MakeDB]:
     """Builds PolicyDBs on the test bed; ``store`` (default: memory), ``fetch_timeout`` and any
-    CacheSettings field as keywords."""
+    ``config.CacheConfig`` field as keywords."""
     stores: list[Store] = []
 
     def make(store: Store | None = None, *, fetch_timeout: float = 3.0, **changes: Any) -> PolicyDB:
@@ -137,15 +138,14 @@ def make_db(bed: Bed, clock: FakeClock) -> Iterator[MakeDB]:
             "no_record_ttl": NO_RECORD_TTL,
             "fetch_retry_interval": FETCH_RETRY,
             "first_lookup_deadline": 10.0,
-            "maintenance_interval": 3600.0,
-            "lookup_threads": 60,
         }
         settings.update(changes)
         resolver = Resolver(bed.resolver_nameservers, timeout=2)
         fetcher = Fetcher(
             resolver, ca_file=bed.ca_file, allow_private_addresses=True, timeout=fetch_timeout
         )
-        return PolicyDB(store, resolver, fetcher, CacheSettings(**settings), clock=clock)
+        cache = config.CacheConfig(backend="memory", path="", **settings)
+        return PolicyDB(store, resolver, fetcher, cache, clock=clock)
 
     yield make
     for store in stores:
@@ -946,7 +946,7 @@ def test_entry_gone_from_the_store_keeps_the_cached_policy(
 
     async def scenario() -> None:
         first = await answered_later(db, site.domain)
-        db.store.delete(site.domain)
+        db.store.purge_unused(math.inf)
         db.resolver = Resolver([bed.dead_nameserver], timeout=0.3)
         clock.advance(TXT_CHECK + 1)
         answered_at_once(db, site.domain)

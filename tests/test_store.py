@@ -3,6 +3,7 @@ processes, locks and damage without ever crashing its caller."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import pwd
@@ -83,7 +84,8 @@ def open_sqlite(cache_path: str) -> Iterator[Opener]:
 
 def test_an_unknown_domain_has_no_entry(store: Store) -> None:
     assert store.get("example.com") is None
-    assert store.entries() == []
+    # Nothing held: purging everything removes nothing.
+    assert store.purge_unused(math.inf) == 0
 
 
 @pytest.mark.parametrize(
@@ -101,7 +103,8 @@ def test_an_unknown_domain_has_no_entry(store: Store) -> None:
 def test_an_entry_reads_back_as_it_was_put(store: Store, stored: Entry) -> None:
     store.put(stored)
     assert store.get(stored.domain) == stored
-    assert store.entries() == [stored]
+    # One entry held, no other: purging everything removes that one.
+    assert store.purge_unused(math.inf) == 1
 
 
 def test_put_replaces_the_entry_of_the_domain(store: Store) -> None:
@@ -109,16 +112,7 @@ def test_put_replaces_the_entry_of_the_domain(store: Store) -> None:
     newer = entry(record_id="2", policy_text=None, last_error="mode none", last_used=5.0)
     store.put(newer)
     assert store.get("example.com") == newer
-    assert len(store.entries()) == 1
-
-
-def test_delete_forgets_one_domain(store: Store) -> None:
-    store.put(entry("a.example"))
-    store.put(entry("b.example"))
-    store.delete("a.example")
-    store.delete("never-stored.example")
-    assert store.get("a.example") is None
-    assert [e.domain for e in store.entries()] == ["b.example"]
+    assert store.purge_unused(math.inf) == 1
 
 
 def test_touch_moves_last_used_forward_only(store: Store) -> None:
@@ -135,7 +129,7 @@ def test_purge_unused_deletes_entries_last_used_before_the_time(store: Store) ->
     for i in range(5):
         store.put(entry(f"d{i}.example", last_used=float(i)))
     assert store.purge_unused(3.0) == 3
-    assert sorted(e.domain for e in store.entries()) == ["d3.example", "d4.example"]
+    assert [d for i in range(5) if store.get(d := f"d{i}.example")] == ["d3.example", "d4.example"]
     assert store.purge_unused(3.0) == 0
 
 
@@ -152,8 +146,6 @@ def test_a_closed_store_raises_store_error(store: Store) -> None:
     for call in (
         lambda: store.get("example.com"),
         lambda: store.put(entry()),
-        lambda: store.delete("example.com"),
-        store.entries,
         lambda: store.touch({"example.com": 1.0}),
         lambda: store.purge_unused(1.0),
     ):
@@ -172,7 +164,7 @@ def test_threads_share_one_store(store: Store) -> None:
                 assert store.get(domain) == entry(domain, last_used=float(i))
                 store.touch({domain: 1e6})
                 if i % 10 == 0:
-                    store.entries()
+                    store.purge_unused(-1.0)
         except BaseException as exc:
             errors.append(exc)
 
@@ -182,8 +174,9 @@ def test_threads_share_one_store(store: Store) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert len(store.entries()) == 800
-    assert {e.last_used for e in store.entries()} == {1e6}
+    held = [store.get(f"d{i}.t{n}.example") for i in range(100) for n in range(8)]
+    assert {e.last_used if e is not None else None for e in held} == {1e6}
+    assert store.purge_unused(math.inf) == 800
 
 
 def test_open_store_rejects_an_unknown_backend(cache_path: str) -> None:
@@ -200,10 +193,11 @@ def test_the_cache_survives_a_reopen(open_sqlite: Opener) -> None:
     first.put(entry("b.example", policy_text=None))
     first.close()
     second = open_sqlite()
-    assert sorted(second.entries(), key=lambda e: e.domain) == [
+    assert [second.get("a.example"), second.get("b.example")] == [
         entry("a.example"),
         entry("b.example", policy_text=None),
     ]
+    assert second.purge_unused(math.inf) == 2
 
 
 def test_the_file_is_created_private_in_wal_mode(open_sqlite: Opener, cache_path: str) -> None:
@@ -228,8 +222,9 @@ def test_two_stores_on_one_file_see_each_others_writes(open_sqlite: Opener) -> N
     one.put(entry("a.example"))
     two.put(entry("b.example"))
     two.touch({"a.example": 5000.0})
-    one.delete("b.example")
-    assert two.entries() == [entry("a.example", last_used=5000.0)]
+    assert one.purge_unused(5000.0) == 1
+    assert two.get("b.example") is None
+    assert two.get("a.example") == entry("a.example", last_used=5000.0)
     assert one.get("a.example") == entry("a.example", last_used=5000.0)
 
 
@@ -252,11 +247,11 @@ def test_several_processes_write_one_file(cache_path: str, open_sqlite: Opener) 
     for p in processes:
         p.join(60)
     assert [p.exitcode for p in processes] == [0, 0, 0, 0]
-    entries = parent.entries()
-    assert len(entries) == 500
     assert all(parent.get(f"d{i}.p{n}.example") for i in range(100) for n in range(4))
     # Every process touched the shared rows; the latest time wins, whatever the order.
-    assert {e.last_used for e in entries if e.domain.startswith("shared")} == {1e6 + 3}
+    shared = [parent.get(f"shared{i}.example") for i in range(100)]
+    assert {e.last_used if e is not None else None for e in shared} == {1e6 + 3}
+    assert parent.purge_unused(math.inf) == 500
 
 
 def _open_new_file_at_once(path: str, n: int, barrier: Any) -> None:
@@ -279,7 +274,9 @@ def test_several_processes_create_one_new_file_at_once(
     for p in processes:
         p.join(60)
     assert [p.exitcode for p in processes] == [0] * 8
-    assert len(open_sqlite().entries()) == 8
+    s = open_sqlite()
+    assert all(s.get(f"p{n}.example") == entry(f"p{n}.example") for n in range(8))
+    assert s.purge_unused(math.inf) == 8
 
 
 def test_a_file_of_garbage_is_refused_and_left_alone(tmp_path: Path) -> None:
@@ -313,7 +310,8 @@ def test_a_damaged_cache_moved_aside_gives_an_empty_cache(
     assert aside.startswith(f"{cache_path}.damaged-")
     assert Path(aside).read_bytes() == damaged
     fresh = open_sqlite()
-    assert fresh.entries() == []
+    assert all(fresh.get(f"d{n}.example") is None for n in range(300))
+    assert fresh.purge_unused(math.inf) == 0
     fresh.close()
 
 
@@ -391,7 +389,7 @@ def test_tampered_rows_read_as_absent(open_sqlite: Opener, cache_path: str) -> N
     raw.close()
     assert s.get("huge.example") is None
     assert s.get("typed.example") is None
-    assert s.entries() == [entry("good.example")]
+    assert s.get("good.example") == entry("good.example")
     # The next put for such a domain overwrites the row.
     s.put(entry("huge.example"))
     assert s.get("huge.example") == entry("huge.example")
@@ -423,7 +421,8 @@ def test_a_locked_file_fails_writes_after_the_busy_timeout(
     s.put(entry("b.example"))
     s.touch({"a.example": 2000.0})
     assert s.get("a.example") == entry("a.example", last_used=2000.0)
-    assert len(s.entries()) == 2
+    assert s.get("b.example") == entry("b.example")
+    assert s.purge_unused(math.inf) == 2
 
 
 @pytest.mark.parametrize(

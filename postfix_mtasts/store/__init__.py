@@ -1,10 +1,11 @@
 """Persistence of the policy cache, behind one small interface.
 
 A store keeps one `Entry` per policy domain and knows nothing of what the fields mean:
-freshness, revalidation, backoff and expiry are policydb's (RFC 8461 §3.3 and §5). The cache is the
-daemon's only state, and losing it costs lookups, never correctness; so every failure of a backend
-is a `StoreError` naming the backend's file or address and the cause, and the caller decides how to
-go on (log it, and answer from lookups or from a memory store).
+freshness, revalidation, backoff and expiry are the cache rules' (`cache_rules`, RFC 8461 §3.3
+and §5), carried out by `policydb`. The cache is the daemon's only state, and losing it costs
+lookups, never correctness; so every failure of a backend is a `StoreError` naming the backend's
+file or address and the cause, and the caller decides how to go on (log it, and answer from
+lookups or from a memory store).
 
 Backends: `memory` (a dict, for tests and `cache.backend = "memory"`) and `sqlite` (a file, the
 default). `open_store()` picks one by name.
@@ -81,14 +82,6 @@ class Store(Protocol):
 
     def put(self, entry: Entry) -> None:
         """Insert or replace the entry for `entry.domain`."""
-        ...
-
-    def delete(self, domain: str) -> None:
-        """Forget `domain`; no error when it is not there."""
-        ...
-
-    def entries(self) -> list[Entry]:
-        """Every entry, in no particular order (a snapshot)."""
         ...
 
     def touch(self, last_used: Mapping[str, float]) -> None:

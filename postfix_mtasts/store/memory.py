@@ -52,14 +52,6 @@ class MemoryStore:
         for entry in doomed:
             del entries[entry.domain]
 
-    def delete(self, domain: str) -> None:
-        with self._lock:
-            self._open().pop(domain, None)
-
-    def entries(self) -> list[Entry]:
-        with self._lock:
-            return list(self._open().values())
-
     def touch(self, last_used: Mapping[str, float]) -> None:
         with self._lock:
             entries = self._open()

@@ -326,15 +326,6 @@ class SqliteStore:
         with self._connection(f"cannot store {entry.domain}", writing=True) as db:
             db.execute(_UPSERT, tuple(getattr(entry, column) for column in _COLUMNS))
 
-    def delete(self, domain: str) -> None:
-        with self._connection(f"cannot delete {domain}", writing=True) as db:
-            db.execute("DELETE FROM entries WHERE domain = ?", (domain,))
-
-    def entries(self) -> list[Entry]:
-        with self._connection("cannot read the cache") as db:
-            rows = db.execute(_SELECT).fetchall()
-        return [entry for entry in map(_entry, rows) if entry is not None]
-
     def touch(self, last_used: Mapping[str, float]) -> None:
         if not last_used:
             return
@@ -405,7 +396,8 @@ def check_ours(path: str) -> None:
     try:
         with open(path, "rb") as file:
             header = file.read(100)
-    except OSError:
+    except (OSError, ValueError):
+        # ValueError: a name the file system cannot encode (a lone surrogate); no such file.
         return
     if not header:
         return
