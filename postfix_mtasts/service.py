@@ -21,13 +21,13 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
-from postfix_mtasts import __version__, config, postfix
-from postfix_mtasts.dane import DaneResult
+from postfix_mtasts import __version__, config
 from postfix_mtasts.fetch import Fetcher
-from postfix_mtasts.netstring import ReplyError, encode_reply
-from postfix_mtasts.policydb import CacheSettings, DaneCache, Decision, PolicyDB
+from postfix_mtasts.listeners import Listener, ListenerError, parse_listener
+from postfix_mtasts.policydb import CacheSettings, DaneCache, PolicyDB
 from postfix_mtasts.resolver import Resolver
-from postfix_mtasts.server import Listener, ListenerError, Reply, Server, parse_listener
+from postfix_mtasts.responder import Responder, Unready
+from postfix_mtasts.server import Server
 from postfix_mtasts.store import (
     CorruptStoreError,
     ForeignFileError,
@@ -37,138 +37,12 @@ from postfix_mtasts.store import (
 )
 from postfix_mtasts.store.sqlite import SqliteStore, move_aside
 
-__all__ = ["Responder", "run"]
+__all__ = ["run"]
 
 log = logging.getLogger("postfix_mtasts")
 
-# The responder's reply memo holds at least this many entries, else twice the cached domains,
-# for at most MEMO_NAMES map names.
-MEMO_SIZE = 4096
-MEMO_NAMES = 64
-
 # How often expired DANE verdicts are forgotten.
 DANE_PRUNE_INTERVAL = 300.0
-
-
-class Responder:
-    """Answers one socketmap request: key → policy domain → decision → reply.
-
-    With DANE enabled, a validated DANE verdict takes precedence over MTA-STS (RFC 8461 §2);
-    for a domain seen for the first time both lookups run at once.
-    """
-
-    def __init__(
-        self, settings: config.Config, db: PolicyDB, dane_cache: DaneCache | None = None
-    ) -> None:
-        self._settings = settings
-        self.db = db
-        self.dane = dane_cache
-        # The hot path's memo: per map name, per key as Postfix sent it, the policy domain (the
-        # decision's own string), the MTA-STS decision the reply was built from and the reply.
-        # A new decision is a new object, so an identity check against the cache's current one
-        # keeps the memo true, without reading the decision (at 100000 domains each object read
-        # per answer is a cache miss). A dict per map name rather than (name, key) tuples: no
-        # tuple to build and hash per request, and none to keep per cached domain. Replies are
-        # kept framed (server.Reply), so a memo hit costs no framing either. Map names and keys
-        # come from clients: the memo is bounded as a whole (``_memo_entries`` across names).
-        self._replies: dict[str, dict[str, tuple[str, Decision, bytes]]] = {}
-        self._memo_entries = 0
-
-    @property
-    def settings(self) -> config.Config:
-        return self._settings
-
-    @settings.setter
-    def settings(self, settings: config.Config) -> None:
-        self._settings = settings
-        self._forget_replies()
-
-    def _forget_replies(self) -> None:
-        self._replies.clear()
-        self._memo_entries = 0
-
-    def lookup(self, name: str, key: str) -> Reply | asyncio.Future[Reply]:
-        if self.dane is None:
-            replies = self._replies.get(name)
-            memo = replies.get(key) if replies is not None else None
-            if memo is not None:
-                decision = self.db.lookup(memo[0])
-                if decision is memo[1]:
-                    return memo[2]
-                return self._mtasts_reply(name, key, memo[0], decision)
-        domain = postfix.policy_domain(key)
-        if domain is None:
-            return postfix.NOTFOUND
-        if self.dane is not None:
-            verdict = self.dane.lookup(domain)
-            if not isinstance(verdict, DaneResult):
-                return asyncio.ensure_future(self._after_dane(verdict, name, domain))
-            reply = postfix.dane_reply(verdict)
-            if reply is not None:
-                return reply
-        return self._mtasts_reply(name, key, domain)
-
-    def _mtasts_reply(
-        self,
-        name: str,
-        key: str,
-        domain: str,
-        decision: Decision | asyncio.Future[Decision] | None = None,
-    ) -> Reply | asyncio.Future[Reply]:
-        if decision is None:
-            decision = self.db.lookup(domain)
-        if not isinstance(decision, Decision):
-            return asyncio.ensure_future(self._later(decision, name, key))
-        return self._remember(name, key, decision)
-
-    def _remember(self, name: str, key: str, decision: Decision) -> Reply:
-        """The reply for ``decision``, kept framed in the memo for (``name``, ``key``)."""
-        if decision.defer:
-            # Nothing was decided (a local shortage): Postfix asks again later, and so do we.
-            return postfix.temp(f"{decision.domain}: {decision.defer}")
-        reply = _reply(decision, self._settings.profile(name))
-        if self.dane is not None:
-            # With DANE the memo is not consulted: a DANE verdict may take precedence.
-            return reply
-        try:
-            frame = encode_reply(reply)
-        except ReplyError:
-            # Not kept; the server refuses it again, and logs it with the key.
-            return reply
-        replies = self._replies.get(name)
-        if replies is None and len(self._replies) >= MEMO_NAMES:
-            # Postfix uses a name or two; a client making names up gets answers, not memory.
-            return frame
-        if replies is None or key not in replies:
-            if self._memo_entries >= max(MEMO_SIZE, 2 * self.db.size):
-                # More entries than the cache has domains (across every map name a client
-                # made up): drop the stale ones.
-                self._forget_replies()
-                replies = None
-            if replies is None:
-                replies = self._replies[name] = {}
-            self._memo_entries += 1
-        replies[key] = (decision.domain, decision, frame)
-        return frame
-
-    async def _after_dane(
-        self, pending: asyncio.Future[DaneResult], name: str, domain: str
-    ) -> Reply:
-        # Start the MTA-STS lookup too, so that a domain without DANE waits for one round only.
-        mtasts_reply = self._mtasts_reply(name, domain, domain)
-        reply = postfix.dane_reply(await pending)
-        if reply is not None:
-            return reply
-        if isinstance(mtasts_reply, str | bytes):
-            return mtasts_reply
-        return await mtasts_reply
-
-    async def _later(self, pending: asyncio.Future[Decision], name: str, key: str) -> Reply:
-        return self._remember(name, key, await pending)
-
-
-def _reply(decision: Decision, profile: config.Profile) -> str:
-    return postfix.policy_reply(decision.policy, profile, decision.domain, decision.policy_text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,7 +454,7 @@ def run(
     try:
         identity = _identity(settings)
         server = Server(
-            _Unready(),
+            Unready(),
             listeners(settings),
             max_connections=settings.server.max_connections,
             idle_timeout=settings.server.idle_timeout,
@@ -629,10 +503,3 @@ def run(
         if context is not None:
             context.close()
     return 0
-
-
-class _Unready:
-    """The responder until the cache is open (the server is not started before that)."""
-
-    def lookup(self, name: str, key: str) -> str:
-        return postfix.temp("starting")
