@@ -1,14 +1,16 @@
-"""``postfix-mtasts serve``: the pieces put together, signals, logging, detaching.
+"""``postfix-mtasts serve``: the daemon assembled and run: logging, signals, detaching, privileges.
 
-The flow is that of the design: the server hands ``(name, key)`` to the :class:`Responder`, which
-turns the key into a policy domain (:mod:`postfix`), asks the cache (:mod:`policydb`) and turns the
-decision into a reply (:mod:`postfix`). Bind first (as root, for privileged ports and socket paths),
-then detach and drop privileges, then open the cache and serve.
+The parts are built from the configuration: the listeners are bound (as root, for privileged
+ports and socket paths), python-daemon's `DaemonContext` detaches, writes the pid file and
+becomes the configured user, then the cache (`policydb`, its store) is opened and the `server`
+serves the `responder`. Request handling itself lives in those modules, not here; this one
+answers SIGTERM/SIGINT (stop), SIGHUP (reload) and tells systemd how it goes (sd_notify).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import importlib
 import logging
@@ -250,23 +252,18 @@ def _identity(settings: config.Config) -> _Identity | None:
     return _Identity(pw.pw_uid, gid, pw.pw_name)
 
 
-def _drop_privileges(identity: _Identity, settings: config.Config) -> None:
-    if os.geteuid() != 0:
+def _hand_over_cache(identity: _Identity, settings: config.Config) -> None:
+    """Give the SQLite cache (directory, file, -wal, -shm) to the user the daemon becomes, which
+    must write it; a cache left by a run as root is taken over."""
+    if settings.cache.backend != "sqlite":
         return
-    if settings.cache.backend == "sqlite":
-        # The cache directory must be writable by the user we become.
-        directory = os.path.dirname(settings.cache.path)
-        os.makedirs(directory, mode=0o750, exist_ok=True)
-        os.chown(directory, identity.uid, identity.gid)
-        for suffix in ("", "-wal", "-shm"):
-            path = settings.cache.path + suffix
-            if os.path.exists(path):
-                os.chown(path, identity.uid, identity.gid)
-    os.setgroups([])
-    os.initgroups(identity.name, identity.gid)
-    os.setgid(identity.gid)
-    os.setuid(identity.uid)
-    log.info("running as user %s (uid %d, gid %d)", identity.name, identity.uid, identity.gid)
+    directory = os.path.dirname(settings.cache.path)
+    os.makedirs(directory, mode=0o750, exist_ok=True)
+    os.chown(directory, identity.uid, identity.gid)
+    for suffix in ("", "-wal", "-shm"):
+        path = settings.cache.path + suffix
+        if os.path.exists(path):
+            os.chown(path, identity.uid, identity.gid)
 
 
 def _prepare_pid_directory(path: str, identity: _Identity) -> None:
@@ -310,15 +307,25 @@ def _preload() -> None:
 
 
 class _PidFile:
-    """A pid file written by the detached process (python-daemon's ``pidfile`` protocol)."""
+    """The pid file, in python-daemon's ``pidfile`` protocol: the daemon context enters it once
+    detached, and exits it when the daemon stops.
+
+    The file is opened when this object is made, while the process may still be root, and kept
+    open across the detaching (``files_preserve``): the user the daemon becomes need not be able
+    to create a file in the pid file's directory (``/run`` is root's)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+
+    def fileno(self) -> int:
+        return self._fd
 
     def __enter__(self) -> _PidFile:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        try:
+            os.write(self._fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(self._fd)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -328,6 +335,55 @@ class _PidFile:
             pass
         except OSError as error:
             log.warning("cannot remove the pid file %s: %s", self.path, error.strerror)
+
+
+def _log_descriptors() -> list[int]:
+    """The descriptors logging writes to (a log file, the syslog socket): the daemon context must
+    keep them, since the user the daemon becomes may not be able to open them again."""
+    descriptors = []
+    for handler in logging.getLogger().handlers:
+        target: Any = getattr(handler, "stream", None) or getattr(handler, "socket", None)
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            descriptors.append(target.fileno())
+    return descriptors
+
+
+def _daemon_context(
+    settings: config.Config, server: Server, becomes: _Identity | None, pid_file: str | None
+) -> Any:
+    """python-daemon's context for ``serve --daemon``: detach, umask, keep the listening sockets,
+    the logs and the pid file, become `becomes` (uid, gid), write the pid file."""
+    import daemon
+
+    owner: dict[str, int] = {}
+    if becomes is not None:
+        _hand_over_cache(becomes, settings)
+        _preload()
+        # Not DaemonContext(initgroups=True): python-daemon then calls os.initgroups() instead
+        # of os.setgid(), leaving the process in root's group. The supplementary groups are set
+        # here, while root; the context sets the gid, then the uid.
+        os.initgroups(becomes.name, becomes.gid)
+        owner = {"uid": becomes.uid, "gid": becomes.gid}
+    pid_path = pid_file or settings.server.pid_file
+    pidfile = None
+    if pid_path:
+        if becomes is not None:
+            _prepare_pid_directory(pid_path, becomes)
+        try:
+            pidfile = _PidFile(pid_path)
+        except OSError as exc:
+            raise OSError(f"cannot write the pid file {pid_path}: {exc.strerror}") from exc
+    keep: list[Any] = [*server.sockets, *_log_descriptors()]
+    if pidfile is not None:
+        keep.append(pidfile)
+    return daemon.DaemonContext(
+        files_preserve=keep,
+        pidfile=pidfile,
+        detach_process=True,
+        umask=0o022,
+        initgroups=False,
+        **owner,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,26 +523,16 @@ def run(
         return 2
 
     context: Any = None
-    if detach:
-        import daemon
-
-        pid_path = pid_file or settings.server.pid_file
-        if pid_path and identity is not None:
-            _prepare_pid_directory(pid_path, identity)
-        context = daemon.DaemonContext(
-            files_preserve=[sock.fileno() for sock in server.sockets],
-            pidfile=_PidFile(pid_path) if pid_path else None,
-            detach_process=True,
-            umask=0o022,
-        )
-        # The daemon context closes every descriptor it was not told to keep, the log's too.
-        close_logging()
-        context.open()
-        setup_logging(settings)
     try:
-        if detach and identity is not None:
-            _preload()
-            _drop_privileges(identity, settings)
+        if detach:
+            # The user to become: only root can become another one.
+            becomes = identity if identity is not None and os.geteuid() == 0 else None
+            context = _daemon_context(settings, server, becomes, pid_file)
+            context.open()
+            if becomes is not None:
+                log.info(
+                    "running as user %s (uid %d, gid %d)", becomes.name, becomes.uid, becomes.gid
+                )
         asyncio.run(_Daemon(settings, config_path, server).main())
     except config.ConfigError as exc:
         # Found only when the daemon opened it (the cache file's schema): as at start, no trace.
