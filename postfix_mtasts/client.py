@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterable
 
 from postfix_mtasts import netstring
+from postfix_mtasts.listeners import ListenerError, UnixListener, parse_endpoint
 
 # Postfix waits this long to connect, send or receive (socketmap_table(5)).
 TIMEOUT = 100.0
@@ -23,34 +24,24 @@ class ClientError(Exception):
     pass
 
 
-def parse_endpoint(endpoint: str) -> tuple[int, str | tuple[str, int]]:
-    """``inet:HOST:PORT``, ``inet:[V6]:PORT`` or ``unix:PATH`` into a socket family and address."""
-    kind, _, rest = endpoint.partition(":")
-    if kind == "unix" and rest:
-        return socket.AF_UNIX, rest
-    if kind == "inet":
-        host, colon, port = rest.rpartition(":")
-        if colon and host and port.isdigit() and int(port) < 65536:
-            if host.startswith("[") and host.endswith("]"):
-                return socket.AF_INET6, (host[1:-1], int(port))
-            return socket.AF_UNSPEC, (host, int(port))
-    raise ClientError(f"{endpoint!r}: expected inet:HOST:PORT, inet:[ADDRESS]:PORT or unix:PATH")
-
-
 def connect(endpoint: str, timeout: float = TIMEOUT) -> socket.socket:
-    family, address = parse_endpoint(endpoint)
+    """Connect to ``inet:HOST:PORT``, ``inet:[V6]:PORT`` or ``unix:PATH``, the notation of
+    Postfix's ``socketmap:`` tables (parsed as the daemon parses its listeners)."""
     try:
-        if family == socket.AF_UNIX:
+        where = parse_endpoint(endpoint)
+    except ListenerError as exc:
+        raise ClientError(str(exc)) from None
+    try:
+        if isinstance(where, UnixListener):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout)
             try:
-                sock.connect(address)
+                sock.connect(where.path)
             except BaseException:
                 sock.close()
                 raise
             return sock
-        assert isinstance(address, tuple)
-        return socket.create_connection(address, timeout=timeout)
+        return socket.create_connection((where.host, where.port), timeout=timeout)
     except OSError as exc:
         raise ClientError(f"{endpoint}: cannot connect: {exc.strerror or exc}") from exc
 

@@ -29,8 +29,7 @@ from logging.handlers import SysLogHandler
 from typing import Literal, NoReturn, TypeVar, get_args
 from urllib.parse import urlsplit
 
-from postfix_mtasts.resolver import parse_nameserver
-from postfix_mtasts.server import ListenerError, parse_listener
+from postfix_mtasts.listeners import ListenerError, parse_listener, parse_nameserver
 
 __all__ = [
     "DEFAULT_PATH",
@@ -136,7 +135,7 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class DnsConfig:
-    # Each as written in the file; resolver.parse_nameserver() splits one into (address, port).
+    # Each as written in the file; listeners.parse_nameserver() splits one into (address, port).
     nameservers: tuple[str, ...] = ()
     timeout: float = 5.0
     lifetime: float = 10.0

@@ -19,11 +19,9 @@ import re
 from postfix_mtasts.config import Profile
 from postfix_mtasts.dane import DaneResult, DaneState
 from postfix_mtasts.mtasts import Mode, Policy, is_hostname, to_alabel
+from postfix_mtasts.netstring import MAX_REPLY
 
 log = logging.getLogger("postfix_mtasts.postfix")
-
-# socketmap_table(5): Postfix reads replies of up to 100000 bytes (the netstring payload).
-MAX_REPLY = 100000
 
 __all__ = [
     "NOTFOUND",

@@ -1,22 +1,23 @@
-"""The socketmap server: listening sockets, connections, limits and timeouts, graceful stop.
+"""The socketmap server: connections, limits and timeouts, back-pressure, graceful stop.
 
 One asyncio event loop owns every connection. Each connection is an `asyncio.Protocol` whose
-data callback decodes the request frames and asks the responder. A responder answers a cached
-domain with the reply string at once, and that reply is written from the data callback itself:
-no task, queue or thread hand-off on the hot path. A domain that is not cached yet is answered
-with a future; the reply is written when it resolves, in request order, and a slow future holds
-back only the connection that asked.
+data callback decodes the request frames (`netstring`) and asks the responder. A responder
+answers a cached domain with the framed reply at once, and the server writes it as it is from
+the data callback itself: no task, queue or thread hand-off on the hot path. A domain that is not
+cached yet is answered with a future; the reply is written when it resolves, in request order,
+and a slow future holds back only the connection that asked.
 
 Per connection, at most `max_pipelined` requests are in flight; what a read brings beyond them,
 or while the client does not read its replies, waits with reading paused. Once a connection fails
 (a write to a client that left), nothing more is answered or written for it.
 
-The server knows nothing of policies: it turns frames into ``(name, key)`` and reply strings into
-frames (`netstring`). Listening is done with our own non-blocking sockets, so that the cap on
-connections is ours to apply: at the cap, a client waiting to be accepted is accepted, and the
-connection active least recently is closed to make room (Postfix's clients reconnect by
-themselves). Connections that hold their slots with a trickle of requests cannot keep new
-clients, and with them the mail, waiting.
+The server knows nothing of policies: it turns frames into ``(name, key)`` and writes the bytes
+the responder hands back. Where it listens is `listeners`' business (notation, binding, socket
+ownership, systemd); the server watches the bound sockets itself, so that the cap on connections
+is its own to apply: at the cap, a client waiting to be accepted is accepted, and the connection
+active least recently is closed to make room (Postfix's clients reconnect by themselves).
+Connections that hold their slots with a trickle of requests cannot keep new clients, and with
+them the mail, waiting.
 
 Binding (`Server.bind`) is a step of its own so that a caller can bind privileged ports or
 socket paths as root, then detach and drop privileges, then `start` serving.
@@ -27,57 +28,40 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
-import grp
-import ipaddress
 import itertools
 import logging
-import os
-import pwd
 import socket
-import stat
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Protocol
 
 from postfix_mtasts import netstring
+from postfix_mtasts.config import Config, ServerConfig
+from postfix_mtasts.listeners import (
+    Bound,
+    Listener,
+    ListenerError,
+    SystemdListener,
+    addresses,
+    bind,
+    parse_listener,
+    systemd_fds,
+)
 from postfix_mtasts.netstring import (
     Decoder,
     FramingError,
-    ReplyError,
     RequestError,
-    encode_reply,
     parse_request,
     perm,
     temp,
 )
 
-__all__ = [
-    "DEFAULT_LISTENER",
-    "InetListener",
-    "Listener",
-    "ListenerError",
-    "Reply",
-    "Responder",
-    "Server",
-    "SystemdListener",
-    "UnixListener",
-    "parse_listener",
-    "systemd_fds",
-]
+__all__ = ["Responder", "Server"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LISTENER = "inet:127.0.0.1:8461"
-
-# sd_listen_fds(3): passed sockets start at this descriptor.
-SD_LISTEN_FDS_START = 3
-# sockaddr_un.sun_path on Linux holds 108 bytes including the terminating NUL.
-_MAX_UNIX_PATH = 107
 # Errors from accept() that mean "the process or system ran out of something": back off.
 _ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ACCEPT_RETRY_DELAY = 1.0
-# Checked and framed replies remembered for reuse.
-_ENCODED_REPLIES = 4096
 # At the cap, room is made by aborting connections; their descriptors are freed an iteration of
 # the loop later. At most this many are on their way out, so that descriptors stay within
 # max_connections plus these.
@@ -86,356 +70,15 @@ _MAX_EVICTING = 8
 _CLOSE_LINGER = 10.0
 
 
-# A reply payload (``"OK secure match=..."``, ``"NOTFOUND "``), which the server checks and frames,
-# or a reply the responder already framed with `encode_reply` (bytes), which is sent as it is: a
-# responder that keeps many replies keeps them framed, rather than have each framed per request.
-Reply = str | bytes
-
-
 class Responder(Protocol):
-    """What the server asks: the reply for one request.
+    """What the server asks: the framed reply for one request (`netstring.encode_reply`).
 
-    `lookup` returns either the reply (a `Reply`) at once, or an `asyncio.Future` of it, resolved
-    later on the same loop. The server never cancels that future, so it may be shared between
-    several askers.
+    `lookup` returns either the reply bytes at once, or an `asyncio.Future` of them, resolved
+    later on the same loop. The server writes them as they are. It never cancels that future, so
+    it may be shared between several askers.
     """
 
-    def lookup(self, name: str, key: str) -> Reply | asyncio.Future[Reply]: ...
-
-
-class ListenerError(Exception):
-    """A listener spec that cannot be parsed or a socket that cannot be bound; names the spec."""
-
-
-# --- listener specs --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Listener:
-    """Where to listen, as written in the configuration (`spec`)."""
-
-    spec: str
-
-
-@dataclass(frozen=True)
-class InetListener(Listener):
-    """``inet:HOST:PORT``: every address HOST resolves to (an IPv6 literal in brackets)."""
-
-    host: str
-    port: int
-
-
-@dataclass(frozen=True)
-class UnixListener(Listener):
-    """``unix:/path``; `mode`, `owner` and `group` are applied to the socket file."""
-
-    path: str
-    mode: int | None = None
-    owner: str | int | None = None
-    group: str | int | None = None
-
-
-@dataclass(frozen=True)
-class SystemdListener(Listener):
-    """``systemd``: every listening socket passed by systemd socket activation."""
-
-
-def parse_listener(
-    spec: str,
-    *,
-    mode: int | None = None,
-    owner: str | int | None = None,
-    group: str | int | None = None,
-) -> Listener:
-    """Parse a Postfix-style listener: ``inet:127.0.0.1:8461``, ``inet:[::1]:8461``,
-    ``inet:localhost:8461``, ``unix:/path/socket`` or ``systemd``.
-
-    `mode`, `owner` and `group` (a name or a number; ``""`` means unset) are properties of a
-    socket file and apply to ``unix:`` listeners only. Raises `ListenerError` naming the spec.
-    """
-    if spec == "systemd":
-        return SystemdListener(spec)
-    kind, colon, address = spec.partition(":")
-    if not colon:
-        raise ListenerError(f"listener {spec!r}: expected inet:HOST:PORT, unix:PATH or systemd")
-    if kind == "inet":
-        host, port = _parse_inet(spec, address)
-        return InetListener(spec, host, port)
-    if kind == "unix":
-        if not address.startswith("/"):
-            raise ListenerError(f"listener {spec!r}: the socket path must be absolute")
-        if len(os.fsencode(address)) > _MAX_UNIX_PATH:
-            raise ListenerError(
-                f"listener {spec!r}: the socket path is longer than {_MAX_UNIX_PATH} bytes"
-            )
-        if "\0" in address:
-            raise ListenerError(f"listener {spec!r}: the socket path contains NUL")
-        if mode is not None and not 0 <= mode <= 0o7777:
-            raise ListenerError(f"listener {spec!r}: socket mode {mode:#o} is not a file mode")
-        return UnixListener(spec, address, mode, owner or None, group or None)
-    raise ListenerError(
-        f"listener {spec!r}: unknown type {kind!r}, expected inet:HOST:PORT, unix:PATH or systemd"
-    )
-
-
-def _parse_inet(spec: str, address: str) -> tuple[str, int]:
-    if address.startswith("["):
-        host, bracket, port_text = address[1:].partition("]")
-        if not bracket or not port_text.startswith(":"):
-            raise ListenerError(f"listener {spec!r}: expected inet:[IPV6-ADDRESS]:PORT")
-        port_text = port_text[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ListenerError(f"listener {spec!r}: {host!r} is not an IPv6 address") from None
-    else:
-        host, colon, port_text = address.rpartition(":")
-        if not colon:
-            raise ListenerError(f"listener {spec!r}: expected inet:HOST:PORT")
-        if ":" in host:
-            raise ListenerError(
-                f"listener {spec!r}: write an IPv6 address in brackets, inet:[{host}]:PORT"
-            )
-        if not host:
-            raise ListenerError(f"listener {spec!r}: the host is missing")
-        if not all(c.isascii() and (c.isalnum() or c in "-.") for c in host):
-            raise ListenerError(f"listener {spec!r}: {host!r} is not a host name or address")
-    # Port 0 (any free port) is allowed: tests use it, and `Server.sockets` tells the port.
-    # Five digits at most before int(): it refuses strings of thousands of digits (ValueError).
-    if (
-        not (port_text.isascii() and port_text.isdigit())
-        or len(port_text) > 5
-        or int(port_text) > 65535
-    ):
-        raise ListenerError(f"listener {spec!r}: port {port_text!r} is not a number up to 65535")
-    return host, int(port_text)
-
-
-def systemd_fds(environ: Mapping[str, str] | None = None, pid: int | None = None) -> list[int]:
-    """The descriptors passed by systemd socket activation for this process (sd_listen_fds(3)).
-
-    Empty unless ``LISTEN_PID`` names this process (a child that inherited the environment
-    must not take its parent's sockets) and ``LISTEN_FDS`` is set.
-    """
-    env = os.environ if environ is None else environ
-    listen_pid = env.get("LISTEN_PID", "")
-    listen_fds = env.get("LISTEN_FDS", "")
-    if not listen_pid or not listen_fds:
-        return []
-    if not listen_pid.isdigit() or int(listen_pid) != (os.getpid() if pid is None else pid):
-        return []
-    if not listen_fds.isdigit():
-        raise ListenerError(f"systemd: LISTEN_FDS={listen_fds!r} is not a number")
-    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(listen_fds)))
-
-
-# --- binding ---------------------------------------------------------------------------------
-
-
-class _Bound:
-    """The sockets one listener holds, and how to clean up after them."""
-
-    __slots__ = ("listener", "sockets", "unix_identity")
-
-    def __init__(
-        self,
-        listener: Listener,
-        sockets: list[socket.socket],
-        unix_identity: tuple[int, int] | None = None,
-    ) -> None:
-        self.listener = listener
-        self.sockets = sockets
-        # (st_dev, st_ino) of the socket file we created: unlink it only if it is still ours.
-        self.unix_identity = unix_identity
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            sock.close()
-        if isinstance(self.listener, UnixListener) and self.unix_identity is not None:
-            path = self.listener.path
-            try:
-                st = os.lstat(path)
-                if (st.st_dev, st.st_ino) == self.unix_identity:
-                    os.unlink(path)
-            except OSError:
-                pass
-        self.sockets = []
-
-
-def _bind(listener: Listener, backlog: int, passed_fds: Sequence[int]) -> _Bound:
-    try:
-        if isinstance(listener, InetListener):
-            return _Bound(listener, _bind_inet(listener, backlog))
-        if isinstance(listener, UnixListener):
-            return _bind_unix(listener, backlog)
-        if isinstance(listener, SystemdListener):
-            return _Bound(listener, _adopt_systemd(passed_fds))
-    except ListenerError:
-        raise
-    except OSError as exc:
-        raise ListenerError(
-            f"listener {listener.spec!r}: cannot listen: {exc.strerror or exc}"
-        ) from exc
-    raise ListenerError(f"listener {listener.spec!r}: unknown listener type")
-
-
-def _bind_inet(listener: InetListener, backlog: int) -> list[socket.socket]:
-    try:
-        infos = socket.getaddrinfo(
-            listener.host,
-            listener.port,
-            type=socket.SOCK_STREAM,
-            flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV,
-        )
-    except socket.gaierror as exc:
-        raise ListenerError(
-            f"listener {listener.spec!r}: cannot resolve {listener.host!r}: {exc.strerror}"
-        ) from exc
-    sockets: list[socket.socket] = []
-    seen: set[tuple[int, object]] = set()
-    try:
-        for family, kind, proto, _, sockaddr in infos:
-            if (family, sockaddr) in seen:
-                continue
-            seen.add((family, sockaddr))
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                # [::] and 0.0.0.0 are separate listeners, as in Postfix.
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(sockaddr)
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
-def _bind_unix(listener: UnixListener, backlog: int) -> _Bound:
-    path = listener.path
-    uid = _user_id(listener, listener.owner)
-    gid = _group_id(listener, listener.group)
-    _remove_stale_socket(listener)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        st = os.lstat(path)
-        identity = (st.st_dev, st.st_ino)
-        try:
-            # Before listen(): nobody can connect while the file has the umask's permissions.
-            try:
-                if uid != -1 or gid != -1:
-                    os.chown(path, uid, gid)
-                if listener.mode is not None:
-                    os.chmod(path, listener.mode)
-            except OSError as exc:
-                raise ListenerError(
-                    f"listener {listener.spec!r}: cannot set the owner, group or mode of "
-                    f"{path}: {exc.strerror}"
-                ) from exc
-            sock.listen(backlog)
-            sock.setblocking(False)
-        except BaseException:
-            os.unlink(path)
-            raise
-    except BaseException:
-        sock.close()
-        raise
-    return _Bound(listener, [sock], identity)
-
-
-def _user_id(listener: UnixListener, owner: str | int | None) -> int:
-    if owner is None:
-        return -1
-    if isinstance(owner, int):
-        return owner
-    if owner.isdigit():
-        return int(owner)
-    try:
-        return pwd.getpwnam(owner).pw_uid
-    except KeyError:
-        raise ListenerError(f"listener {listener.spec!r}: unknown socket owner {owner!r}") from None
-
-
-def _group_id(listener: UnixListener, group: str | int | None) -> int:
-    if group is None:
-        return -1
-    if isinstance(group, int):
-        return group
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ListenerError(f"listener {listener.spec!r}: unknown socket group {group!r}") from None
-
-
-def _remove_stale_socket(listener: UnixListener) -> None:
-    """Remove a socket file left by a daemon that is gone; refuse to take a live one."""
-    path = listener.path
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ListenerError(f"listener {listener.spec!r}: {path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except OSError:
-        pass  # nobody listens: stale
-    else:
-        raise ListenerError(f"listener {listener.spec!r}: another process listens on {path}")
-    finally:
-        probe.close()
-    os.unlink(path)
-
-
-def _adopt_systemd(fds: Sequence[int]) -> list[socket.socket]:
-    if not fds:
-        raise ListenerError(
-            "listener 'systemd': no sockets passed (LISTEN_FDS/LISTEN_PID not set for this process)"
-        )
-    sockets: list[socket.socket] = []
-    try:
-        for fd in fds:
-            try:
-                sock = socket.socket(fileno=fd)
-            except OSError as exc:
-                raise ListenerError(
-                    f"listener 'systemd': descriptor {fd} is not a socket: {exc.strerror}"
-                ) from exc
-            if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_ACCEPTCONN
-            ):
-                sock.detach()
-                raise ListenerError(
-                    f"listener 'systemd': descriptor {fd} is not a listening stream socket "
-                    "(the .socket unit needs Accept=no and ListenStream=)"
-                )
-            sockets.append(sock)
-            os.set_inheritable(fd, False)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
-def _describe(sock: socket.socket) -> str:
-    try:
-        name = sock.getsockname()
-    except OSError:
-        return "?"
-    if isinstance(name, tuple):
-        host, port = name[0], name[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(name)
+    def lookup(self, name: str, key: str) -> bytes | asyncio.Future[bytes]: ...
 
 
 # --- connections -----------------------------------------------------------------------------
@@ -447,7 +90,7 @@ class _Pending:
     __slots__ = ("connection", "future", "key", "name", "reply", "timer")
 
     def __init__(
-        self, connection: _Connection, name: str, key: str, future: asyncio.Future[Reply]
+        self, connection: _Connection, name: str, key: str, future: asyncio.Future[bytes]
     ) -> None:
         self.connection = connection
         self.name = name
@@ -456,7 +99,7 @@ class _Pending:
         self.reply: bytes | None = None
         self.timer: asyncio.TimerHandle | None = None
 
-    def done(self, future: asyncio.Future[Reply]) -> None:
+    def done(self, future: asyncio.Future[bytes]) -> None:
         self.connection._lookup_done(self, future)
 
     def timed_out(self) -> None:
@@ -629,11 +272,7 @@ class _Connection(asyncio.Protocol):
                 log.exception("%s: lookup failed (map %s); answered TEMP", _key(key), name)
                 self._send(temp("lookup failed"))
                 continue
-            if isinstance(result, bytes):
-                pass
-            elif isinstance(result, str):
-                result = self._encode(name, key, result)
-            else:
+            if not isinstance(result, bytes):
                 self._defer(name, key, result)
                 continue
             # As _send does, without the call: this is the hot path.
@@ -713,21 +352,6 @@ class _Connection(asyncio.Protocol):
 
     # replies ------------------------------------------------------------------------------
 
-    def _encode(self, name: str, key: str, reply: str) -> bytes:
-        encoded = self._server._encoded.get(reply)
-        if encoded is not None:
-            return encoded
-        try:
-            encoded = encode_reply(reply)
-        except ReplyError as exc:
-            self._server.lookup_errors += 1
-            log.error("%s: invalid reply from the responder (map %s): %s", _key(key), name, exc)
-            return temp("internal error")
-        # Few distinct replies exist (one per policy and profile): keep their frames.
-        if len(self._server._encoded) < _ENCODED_REPLIES:
-            self._server._encoded[reply] = encoded
-        return encoded
-
     def _send(self, data: bytes) -> None:
         if self._queue:
             self._queue.append(data)
@@ -735,7 +359,7 @@ class _Connection(asyncio.Protocol):
             assert self._transport is not None
             self._transport.write(data)
 
-    def _defer(self, name: str, key: str, future: asyncio.Future[Reply]) -> None:
+    def _defer(self, name: str, key: str, future: asyncio.Future[bytes]) -> None:
         if not asyncio.isfuture(future):
             self._server.lookup_errors += 1
             log.error(
@@ -753,7 +377,7 @@ class _Connection(asyncio.Protocol):
         pending.timer = self._loop.call_later(self._server.request_timeout, pending.timed_out)
         future.add_done_callback(pending.done)
 
-    def _lookup_done(self, pending: _Pending, future: asyncio.Future[Reply]) -> None:
+    def _lookup_done(self, pending: _Pending, future: asyncio.Future[bytes]) -> None:
         if self._closed or pending.reply is not None:
             return
         if pending.timer is not None:
@@ -780,8 +404,6 @@ class _Connection(asyncio.Protocol):
             result = future.result()
             if isinstance(result, bytes):
                 reply = result
-            elif isinstance(result, str):
-                reply = self._encode(pending.name, pending.key, result)
             else:
                 server.lookup_errors += 1
                 log.error(
@@ -994,11 +616,11 @@ class Server:
     def __init__(
         self,
         responder: Responder,
-        listeners: Iterable[Listener | str] = (DEFAULT_LISTENER,),
+        listeners: Iterable[Listener | str] = Config.listen,
         *,
-        max_connections: int = 1000,
-        idle_timeout: float = 60.0,
-        request_timeout: float = 100.0,
+        max_connections: int = ServerConfig.max_connections,
+        idle_timeout: float = ServerConfig.idle_timeout,
+        request_timeout: float = ServerConfig.request_timeout,
         frame_timeout: float = 10.0,
         grace_timeout: float = 10.0,
         max_pipelined: int = 100,
@@ -1030,9 +652,8 @@ class Server:
 
         # Read once, here: after a fork (detaching) LISTEN_PID no longer names this process.
         self._systemd_fds = systemd_fds()
-        self._encoded: dict[str, bytes] = {}
         self._listeners = self._with_systemd(listeners)
-        self._bound: dict[Listener, _Bound] = {}
+        self._bound: dict[Listener, Bound] = {}
         self._systemd_adopted = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
@@ -1066,7 +687,7 @@ class Server:
 
     def bind(self) -> None:
         """Bind every listener now (idempotent). Raises `ListenerError`; binds none on error."""
-        opened: list[_Bound] = []
+        opened: list[Bound] = []
         try:
             for listener in self._listeners:
                 if listener not in self._bound:
@@ -1087,7 +708,7 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._started = True
         for bound in self._bound.values():
-            log.info("listening on %s (%s)", bound.listener.spec, _addresses(bound))
+            log.info("listening on %s (%s)", bound.listener.spec, addresses(bound))
         self._resume_accepting()
 
     async def stop(self, grace_timeout: float | None = None) -> None:
@@ -1147,7 +768,7 @@ class Server:
                 continue
             self._bound[listener] = bound
             if self._started:
-                log.info("listening on %s (%s)", listener.spec, _addresses(bound))
+                log.info("listening on %s (%s)", listener.spec, addresses(bound))
                 if self._accepting:
                     self._watch(bound)
         self._listeners = tuple(item for item in wanted if item in self._bound)
@@ -1164,27 +785,27 @@ class Server:
             parsed.append(SystemdListener("systemd"))
         return tuple(dict.fromkeys(parsed))
 
-    def _open(self, listener: Listener) -> _Bound:
+    def _open(self, listener: Listener) -> Bound:
         if isinstance(listener, SystemdListener):
             # Once closed, the descriptor numbers may belong to other files: never adopt twice.
             if self._systemd_adopted:
                 raise ListenerError("listener 'systemd': the passed sockets were already closed")
-            bound = _bind(listener, self.backlog, self._systemd_fds)
+            bound = bind(listener, self.backlog, self._systemd_fds)
             self._systemd_adopted = True
             return bound
-        return _bind(listener, self.backlog, ())
+        return bind(listener, self.backlog, ())
 
     def _loop_or_fail(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             raise RuntimeError("server not started")
         return self._loop
 
-    def _watch(self, bound: _Bound) -> None:
+    def _watch(self, bound: Bound) -> None:
         loop = self._loop_or_fail()
         for sock in bound.sockets:
             loop.add_reader(sock.fileno(), self._accept, sock)
 
-    def _unwatch(self, bound: _Bound) -> None:
+    def _unwatch(self, bound: Bound) -> None:
         if self._loop is None or not self._accepting:
             return
         for sock in bound.sockets:
@@ -1296,7 +917,3 @@ class Server:
         except TimeoutError:
             return False
         return True
-
-
-def _addresses(bound: _Bound) -> str:
-    return ", ".join(_describe(sock) for sock in bound.sockets)

@@ -1,14 +1,16 @@
-"""``postfix-mtasts serve``: the pieces put together, signals, logging, detaching.
+"""``postfix-mtasts serve``: the daemon assembled and run: logging, signals, detaching, privileges.
 
-The flow is that of the design: the server hands ``(name, key)`` to the :class:`Responder`, which
-turns the key into a policy domain (:mod:`postfix`), asks the cache (:mod:`policydb`) and turns the
-decision into a reply (:mod:`postfix`). Bind first (as root, for privileged ports and socket paths),
-then detach and drop privileges, then open the cache and serve.
+The parts are built from the configuration: the listeners are bound (as root, for privileged
+ports and socket paths), python-daemon's `DaemonContext` detaches, writes the pid file and
+becomes the configured user, then the cache (`policydb`, its store) is opened and the `server`
+serves the `responder`. Request handling itself lives in those modules, not here; this one
+answers SIGTERM/SIGINT (stop), SIGHUP (reload) and tells systemd how it goes (sd_notify).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import importlib
 import logging
@@ -21,13 +23,13 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
-from postfix_mtasts import __version__, config, postfix
-from postfix_mtasts.dane import DaneResult
+from postfix_mtasts import __version__, config
 from postfix_mtasts.fetch import Fetcher
-from postfix_mtasts.netstring import ReplyError, encode_reply
-from postfix_mtasts.policydb import CacheSettings, DaneCache, Decision, PolicyDB
+from postfix_mtasts.listeners import Listener, ListenerError, parse_listener
+from postfix_mtasts.policydb import CacheSettings, DaneCache, PolicyDB
 from postfix_mtasts.resolver import Resolver
-from postfix_mtasts.server import Listener, ListenerError, Reply, Server, parse_listener
+from postfix_mtasts.responder import Responder, Unready
+from postfix_mtasts.server import Server
 from postfix_mtasts.store import (
     CorruptStoreError,
     ForeignFileError,
@@ -37,138 +39,12 @@ from postfix_mtasts.store import (
 )
 from postfix_mtasts.store.sqlite import SqliteStore, move_aside
 
-__all__ = ["Responder", "run"]
+__all__ = ["run"]
 
 log = logging.getLogger("postfix_mtasts")
 
-# The responder's reply memo holds at least this many entries, else twice the cached domains,
-# for at most MEMO_NAMES map names.
-MEMO_SIZE = 4096
-MEMO_NAMES = 64
-
 # How often expired DANE verdicts are forgotten.
 DANE_PRUNE_INTERVAL = 300.0
-
-
-class Responder:
-    """Answers one socketmap request: key → policy domain → decision → reply.
-
-    With DANE enabled, a validated DANE verdict takes precedence over MTA-STS (RFC 8461 §2);
-    for a domain seen for the first time both lookups run at once.
-    """
-
-    def __init__(
-        self, settings: config.Config, db: PolicyDB, dane_cache: DaneCache | None = None
-    ) -> None:
-        self._settings = settings
-        self.db = db
-        self.dane = dane_cache
-        # The hot path's memo: per map name, per key as Postfix sent it, the policy domain (the
-        # decision's own string), the MTA-STS decision the reply was built from and the reply.
-        # A new decision is a new object, so an identity check against the cache's current one
-        # keeps the memo true, without reading the decision (at 100000 domains each object read
-        # per answer is a cache miss). A dict per map name rather than (name, key) tuples: no
-        # tuple to build and hash per request, and none to keep per cached domain. Replies are
-        # kept framed (server.Reply), so a memo hit costs no framing either. Map names and keys
-        # come from clients: the memo is bounded as a whole (``_memo_entries`` across names).
-        self._replies: dict[str, dict[str, tuple[str, Decision, bytes]]] = {}
-        self._memo_entries = 0
-
-    @property
-    def settings(self) -> config.Config:
-        return self._settings
-
-    @settings.setter
-    def settings(self, settings: config.Config) -> None:
-        self._settings = settings
-        self._forget_replies()
-
-    def _forget_replies(self) -> None:
-        self._replies.clear()
-        self._memo_entries = 0
-
-    def lookup(self, name: str, key: str) -> Reply | asyncio.Future[Reply]:
-        if self.dane is None:
-            replies = self._replies.get(name)
-            memo = replies.get(key) if replies is not None else None
-            if memo is not None:
-                decision = self.db.lookup(memo[0])
-                if decision is memo[1]:
-                    return memo[2]
-                return self._mtasts_reply(name, key, memo[0], decision)
-        domain = postfix.policy_domain(key)
-        if domain is None:
-            return postfix.NOTFOUND
-        if self.dane is not None:
-            verdict = self.dane.lookup(domain)
-            if not isinstance(verdict, DaneResult):
-                return asyncio.ensure_future(self._after_dane(verdict, name, domain))
-            reply = postfix.dane_reply(verdict)
-            if reply is not None:
-                return reply
-        return self._mtasts_reply(name, key, domain)
-
-    def _mtasts_reply(
-        self,
-        name: str,
-        key: str,
-        domain: str,
-        decision: Decision | asyncio.Future[Decision] | None = None,
-    ) -> Reply | asyncio.Future[Reply]:
-        if decision is None:
-            decision = self.db.lookup(domain)
-        if not isinstance(decision, Decision):
-            return asyncio.ensure_future(self._later(decision, name, key))
-        return self._remember(name, key, decision)
-
-    def _remember(self, name: str, key: str, decision: Decision) -> Reply:
-        """The reply for ``decision``, kept framed in the memo for (``name``, ``key``)."""
-        if decision.defer:
-            # Nothing was decided (a local shortage): Postfix asks again later, and so do we.
-            return postfix.temp(f"{decision.domain}: {decision.defer}")
-        reply = _reply(decision, self._settings.profile(name))
-        if self.dane is not None:
-            # With DANE the memo is not consulted: a DANE verdict may take precedence.
-            return reply
-        try:
-            frame = encode_reply(reply)
-        except ReplyError:
-            # Not kept; the server refuses it again, and logs it with the key.
-            return reply
-        replies = self._replies.get(name)
-        if replies is None and len(self._replies) >= MEMO_NAMES:
-            # Postfix uses a name or two; a client making names up gets answers, not memory.
-            return frame
-        if replies is None or key not in replies:
-            if self._memo_entries >= max(MEMO_SIZE, 2 * self.db.size):
-                # More entries than the cache has domains (across every map name a client
-                # made up): drop the stale ones.
-                self._forget_replies()
-                replies = None
-            if replies is None:
-                replies = self._replies[name] = {}
-            self._memo_entries += 1
-        replies[key] = (decision.domain, decision, frame)
-        return frame
-
-    async def _after_dane(
-        self, pending: asyncio.Future[DaneResult], name: str, domain: str
-    ) -> Reply:
-        # Start the MTA-STS lookup too, so that a domain without DANE waits for one round only.
-        mtasts_reply = self._mtasts_reply(name, domain, domain)
-        reply = postfix.dane_reply(await pending)
-        if reply is not None:
-            return reply
-        if isinstance(mtasts_reply, str | bytes):
-            return mtasts_reply
-        return await mtasts_reply
-
-    async def _later(self, pending: asyncio.Future[Decision], name: str, key: str) -> Reply:
-        return self._remember(name, key, await pending)
-
-
-def _reply(decision: Decision, profile: config.Profile) -> str:
-    return postfix.policy_reply(decision.policy, profile, decision.domain, decision.policy_text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,23 +252,18 @@ def _identity(settings: config.Config) -> _Identity | None:
     return _Identity(pw.pw_uid, gid, pw.pw_name)
 
 
-def _drop_privileges(identity: _Identity, settings: config.Config) -> None:
-    if os.geteuid() != 0:
+def _hand_over_cache(identity: _Identity, settings: config.Config) -> None:
+    """Give the SQLite cache (directory, file, -wal, -shm) to the user the daemon becomes, which
+    must write it; a cache left by a run as root is taken over."""
+    if settings.cache.backend != "sqlite":
         return
-    if settings.cache.backend == "sqlite":
-        # The cache directory must be writable by the user we become.
-        directory = os.path.dirname(settings.cache.path)
-        os.makedirs(directory, mode=0o750, exist_ok=True)
-        os.chown(directory, identity.uid, identity.gid)
-        for suffix in ("", "-wal", "-shm"):
-            path = settings.cache.path + suffix
-            if os.path.exists(path):
-                os.chown(path, identity.uid, identity.gid)
-    os.setgroups([])
-    os.initgroups(identity.name, identity.gid)
-    os.setgid(identity.gid)
-    os.setuid(identity.uid)
-    log.info("running as user %s (uid %d, gid %d)", identity.name, identity.uid, identity.gid)
+    directory = os.path.dirname(settings.cache.path)
+    os.makedirs(directory, mode=0o750, exist_ok=True)
+    os.chown(directory, identity.uid, identity.gid)
+    for suffix in ("", "-wal", "-shm"):
+        path = settings.cache.path + suffix
+        if os.path.exists(path):
+            os.chown(path, identity.uid, identity.gid)
 
 
 def _prepare_pid_directory(path: str, identity: _Identity) -> None:
@@ -436,15 +307,25 @@ def _preload() -> None:
 
 
 class _PidFile:
-    """A pid file written by the detached process (python-daemon's ``pidfile`` protocol)."""
+    """The pid file, in python-daemon's ``pidfile`` protocol: the daemon context enters it once
+    detached, and exits it when the daemon stops.
+
+    The file is opened when this object is made, while the process may still be root, and kept
+    open across the detaching (``files_preserve``): the user the daemon becomes need not be able
+    to create a file in the pid file's directory (``/run`` is root's)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+
+    def fileno(self) -> int:
+        return self._fd
 
     def __enter__(self) -> _PidFile:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        try:
+            os.write(self._fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(self._fd)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -454,6 +335,55 @@ class _PidFile:
             pass
         except OSError as error:
             log.warning("cannot remove the pid file %s: %s", self.path, error.strerror)
+
+
+def _log_descriptors() -> list[int]:
+    """The descriptors logging writes to (a log file, the syslog socket): the daemon context must
+    keep them, since the user the daemon becomes may not be able to open them again."""
+    descriptors = []
+    for handler in logging.getLogger().handlers:
+        target: Any = getattr(handler, "stream", None) or getattr(handler, "socket", None)
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            descriptors.append(target.fileno())
+    return descriptors
+
+
+def _daemon_context(
+    settings: config.Config, server: Server, becomes: _Identity | None, pid_file: str | None
+) -> Any:
+    """python-daemon's context for ``serve --daemon``: detach, umask, keep the listening sockets,
+    the logs and the pid file, become `becomes` (uid, gid), write the pid file."""
+    import daemon
+
+    owner: dict[str, int] = {}
+    if becomes is not None:
+        _hand_over_cache(becomes, settings)
+        _preload()
+        # Not DaemonContext(initgroups=True): python-daemon then calls os.initgroups() instead
+        # of os.setgid(), leaving the process in root's group. The supplementary groups are set
+        # here, while root; the context sets the gid, then the uid.
+        os.initgroups(becomes.name, becomes.gid)
+        owner = {"uid": becomes.uid, "gid": becomes.gid}
+    pid_path = pid_file or settings.server.pid_file
+    pidfile = None
+    if pid_path:
+        if becomes is not None:
+            _prepare_pid_directory(pid_path, becomes)
+        try:
+            pidfile = _PidFile(pid_path)
+        except OSError as exc:
+            raise OSError(f"cannot write the pid file {pid_path}: {exc.strerror}") from exc
+    keep: list[Any] = [*server.sockets, *_log_descriptors()]
+    if pidfile is not None:
+        keep.append(pidfile)
+    return daemon.DaemonContext(
+        files_preserve=keep,
+        pidfile=pidfile,
+        detach_process=True,
+        umask=0o022,
+        initgroups=False,
+        **owner,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,7 +510,7 @@ def run(
     try:
         identity = _identity(settings)
         server = Server(
-            _Unready(),
+            Unready(),
             listeners(settings),
             max_connections=settings.server.max_connections,
             idle_timeout=settings.server.idle_timeout,
@@ -593,26 +523,16 @@ def run(
         return 2
 
     context: Any = None
-    if detach:
-        import daemon
-
-        pid_path = pid_file or settings.server.pid_file
-        if pid_path and identity is not None:
-            _prepare_pid_directory(pid_path, identity)
-        context = daemon.DaemonContext(
-            files_preserve=[sock.fileno() for sock in server.sockets],
-            pidfile=_PidFile(pid_path) if pid_path else None,
-            detach_process=True,
-            umask=0o022,
-        )
-        # The daemon context closes every descriptor it was not told to keep, the log's too.
-        close_logging()
-        context.open()
-        setup_logging(settings)
     try:
-        if detach and identity is not None:
-            _preload()
-            _drop_privileges(identity, settings)
+        if detach:
+            # The user to become: only root can become another one.
+            becomes = identity if identity is not None and os.geteuid() == 0 else None
+            context = _daemon_context(settings, server, becomes, pid_file)
+            context.open()
+            if becomes is not None:
+                log.info(
+                    "running as user %s (uid %d, gid %d)", becomes.name, becomes.uid, becomes.gid
+                )
         asyncio.run(_Daemon(settings, config_path, server).main())
     except config.ConfigError as exc:
         # Found only when the daemon opened it (the cache file's schema): as at start, no trace.
@@ -629,10 +549,3 @@ def run(
         if context is not None:
             context.close()
     return 0
-
-
-class _Unready:
-    """The responder until the cache is open (the server is not started before that)."""
-
-    def lookup(self, name: str, key: str) -> str:
-        return postfix.temp("starting")

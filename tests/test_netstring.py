@@ -24,8 +24,6 @@ from postfix_mtasts.netstring import (
     RequestError,
     encode,
     encode_reply,
-    notfound,
-    ok,
     parse_request,
     perm,
     temp,
@@ -274,8 +272,8 @@ def test_bad_request_raises_request_error_with_a_reason(payload: bytes, reason: 
 
 
 def test_reply_helpers_encode_postfix_replies() -> None:
-    assert ok("secure match=mx.example.net") == b"30:OK secure match=mx.example.net,"
-    assert notfound() == b"9:NOTFOUND ,"
+    assert encode_reply("OK secure match=mx.example.net") == b"30:OK secure match=mx.example.net,"
+    assert encode_reply("NOTFOUND ") == b"9:NOTFOUND ,"
     assert temp("dns timeout") == b"16:TEMP dns timeout,"
     assert perm("bad request") == b"16:PERM bad request,"
 
@@ -283,16 +281,16 @@ def test_reply_helpers_encode_postfix_replies() -> None:
 @pytest.mark.parametrize("data", ["", " ", "\t", "secure\x00", "secure\nmatch=x"])
 def test_ok_refuses_empty_or_control_data(data: str) -> None:
     with pytest.raises(ReplyError):
-        ok(data)
+        encode_reply("OK " + data)
 
 
 def test_ok_at_the_reply_limit_is_sent_and_over_it_is_refused() -> None:
     data = "x" * (MAX_REPLY - 3)
-    assert Decoder(MAX_REPLY).feed(ok(data)) == [b"OK " + data.encode()]
+    assert Decoder(MAX_REPLY).feed(encode_reply("OK " + data)) == [b"OK " + data.encode()]
     with pytest.raises(ReplyError):
-        ok(data + "x")
+        encode_reply("OK " + data + "x")
     with pytest.raises(ReplyError):
-        ok("é" * (MAX_REPLY // 2))  # the limit is in bytes, not characters
+        encode_reply("OK " + "é" * (MAX_REPLY // 2))  # the limit is in bytes, not characters
 
 
 def test_reasons_are_truncated_and_made_printable_ascii() -> None:

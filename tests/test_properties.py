@@ -618,7 +618,7 @@ def test_toml_ish_text_gives_a_config_or_a_config_error(text: str) -> None:
         # Found by fuzz_config.py: tomllib turns decimal digits into an int, and Python 3.11 refuses
         # more than 4300 of them with a ValueError.
         pytest.param("[server]\nidle_timeout = " + "9" * 5000, id="integer-of-5000-digits"),
-        # Found by fuzz_config.py: server.parse_listener() read the port with int().
+        # Found by fuzz_config.py: listeners.parse_listener() read the port with int().
         pytest.param(
             'listen = ["inet:127.0.0.1:' + "1" * 4400 + '"]', id="listener-port-of-4400-digits"
         ),

@@ -16,25 +16,35 @@ import textwrap
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from postfix_mtasts import postfix
 from postfix_mtasts import server as server_module
-from postfix_mtasts.netstring import MAX_REPLY, Decoder, encode, encode_reply
-from postfix_mtasts.server import (
+from postfix_mtasts.config import Config, Profile
+from postfix_mtasts.listeners import (
     InetListener,
     Listener,
     ListenerError,
-    Server,
     SystemdListener,
     UnixListener,
     _adopt_systemd,
     parse_listener,
     systemd_fds,
 )
+from postfix_mtasts.mtasts import parse_policy
+from postfix_mtasts.netstring import MAX_REPLY, Decoder, encode, encode_reply
+from postfix_mtasts.policydb import Decision
+from postfix_mtasts.responder import Responder
+from postfix_mtasts.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
+# RFC 8461 §3.2, the example policy.
+RFC_EXAMPLE_POLICY = (
+    "version: STSv1\nmode: enforce\nmx: mail.example.com\nmx: *.example.net\n"
+    "mx: backupmx.example.com\nmax_age: 604800\n"
+)
 # Generous bound for anything that should happen; never an assertion about speed.
 PATIENCE = 10.0
 
@@ -58,22 +68,21 @@ def aio(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
 
 
 class FakeResponder:
-    """Our own responder interface, answering by key.
+    """Our own responder interface, answering by key with framed replies (bytes).
 
     ``slow...``: a future the test resolves (``resolve``); ``fail``: a future that raises;
-    ``raise``: raises at once; ``huge``/``empty``: an OK that must not be sent; ``nf``:
-    ``NOTFOUND``; ``framed``: ``OK framed`` already framed (bytes); anything else:
+    ``raise``: raises at once; ``nf``: ``NOTFOUND``; ``framed``: ``OK framed``; anything else:
     ``OK secure match=<key>`` at once (the cached fast path).
     """
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
-        self.futures: dict[str, asyncio.Future[str | bytes]] = {}
+        self.futures: dict[str, asyncio.Future[bytes]] = {}
 
-    def lookup(self, name: str, key: str) -> str | bytes | asyncio.Future[str | bytes]:
+    def lookup(self, name: str, key: str) -> bytes | asyncio.Future[bytes]:
         self.calls.append((name, key))
         if key.startswith("slow"):
-            future: asyncio.Future[str | bytes] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
             self.futures[key] = future
             return future
         if key == "fail":
@@ -82,18 +91,16 @@ class FakeResponder:
             return future
         if key == "raise":
             raise RuntimeError("bug in the responder")
-        if key == "huge":
-            return "OK " + "x" * MAX_REPLY
-        if key == "empty":
-            return "OK "
         if key == "nf":
-            return "NOTFOUND "
+            return encode_reply("NOTFOUND ")
         if key == "framed":
             return encode_reply("OK framed")
-        return f"OK secure match={key}"
+        return encode_reply(f"OK secure match={key}")
 
     def resolve(self, key: str, reply: str | bytes | None = None) -> None:
-        self.futures[key].set_result(reply if reply is not None else f"OK later {key}")
+        if reply is None:
+            reply = f"OK later {key}"
+        self.futures[key].set_result(encode_reply(reply) if isinstance(reply, str) else reply)
 
     async def wait_for_call(self, key: str) -> None:
         await wait_until(lambda: any(k == key for _, k in self.calls))
@@ -280,10 +287,10 @@ async def test_hanging_lookup_on_one_connection_does_not_delay_another() -> None
 @aio
 async def test_many_connections_waiting_on_one_shared_future_all_get_the_reply() -> None:
     loop = asyncio.get_running_loop()
-    shared: asyncio.Future[str] = loop.create_future()
+    shared: asyncio.Future[bytes] = loop.create_future()
 
     class Shared(FakeResponder):
-        def lookup(self, name: str, key: str) -> str | asyncio.Future[str]:
+        def lookup(self, name: str, key: str) -> bytes | asyncio.Future[bytes]:
             self.calls.append((name, key))
             return shared
 
@@ -293,7 +300,7 @@ async def test_many_connections_waiting_on_one_shared_future_all_get_the_reply()
         for client in clients:
             await client.send("example.com")
         await wait_until(lambda: len(responder.calls) == 10)
-        shared.set_result("OK secure match=mx.example.com")
+        shared.set_result(encode_reply("OK secure match=mx.example.com"))
         for client in clients:
             assert await client.reply() == "OK secure match=mx.example.com"
             client.close()
@@ -323,13 +330,51 @@ async def test_lookup_that_does_not_finish_in_time_is_answered_temp() -> None:
         client.close()
 
 
+class Decisions:
+    """The policy cache as the responder sees it, with one ready decision per domain."""
+
+    def __init__(self, *decisions: Decision) -> None:
+        self.decisions = {decision.domain: decision for decision in decisions}
+        self.size = len(self.decisions)
+
+    def lookup(self, domain: str) -> Decision:
+        return self.decisions[domain]
+
+
 @aio
-async def test_reply_that_postfix_must_not_see_becomes_temp() -> None:
-    async with serving() as server:
+async def test_reply_that_postfix_must_not_see_becomes_temp(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Replies are framed by the responder: over Postfix's size limit (thousands of mx lines, each
+    # repeated as a TLSRPT attribute), or an OK with no data, it answers TEMP and says why.
+    text = (
+        "version: STSv1\nmode: enforce\n"
+        + "".join(f"mx: mx{i:05}.example.net\n" for i in range(2000))
+        + "max_age: 86400\n"
+    )
+    decisions = Decisions(
+        Decision("huge.example", parse_policy(text), text),
+        Decision("empty.example", parse_policy(RFC_EXAMPLE_POLICY), RFC_EXAMPLE_POLICY),
+    )
+    real_policy_reply = postfix.policy_reply
+
+    def policy_reply(*args: Any) -> str:
+        return "OK " if args[2] == "empty.example" else real_policy_reply(*args)
+
+    monkeypatch.setattr(postfix, "policy_reply", policy_reply)
+    responder = Responder(Config(policy=Profile(tlsrpt=True)), cast(Any, decisions))
+    async with serving(cast(Any, responder)) as server:
         client = await Client.inet(server)
-        assert await client.ask("huge") == "TEMP internal error"
-        assert await client.ask("empty") == "TEMP internal error"
+        with caplog.at_level(logging.ERROR):
+            assert await client.ask("huge.example") == "TEMP internal error"
+            assert await client.ask("empty.example") == "TEMP internal error"
+            # Not remembered: refused again.
+            assert await client.ask("huge.example") == "TEMP internal error"
         client.close()
+    refusals = [r.getMessage() for r in caplog.records if "invalid reply" in r.getMessage()]
+    assert len(refusals) == 3
+    assert refusals[0].startswith("huge.example: invalid reply from the responder (map postfix)")
+    assert refusals[1].startswith("empty.example: invalid reply from the responder (map postfix)")
 
 
 @aio
@@ -449,19 +494,19 @@ class Gated(FakeResponder):
     def __init__(self) -> None:
         super().__init__()
         self.released = False
-        self.held: list[tuple[str, asyncio.Future[str | bytes]]] = []
+        self.held: list[tuple[str, asyncio.Future[bytes]]] = []
         self.in_flight = 0
         self.peak = 0
 
-    def lookup(self, name: str, key: str) -> asyncio.Future[str | bytes]:
+    def lookup(self, name: str, key: str) -> asyncio.Future[bytes]:
         self.calls.append((name, key))
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[str | bytes] = loop.create_future()
+        future: asyncio.Future[bytes] = loop.create_future()
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         future.add_done_callback(self._finished)
         if self.released:
-            loop.call_soon(future.set_result, f"OK later {key}")
+            loop.call_soon(future.set_result, encode_reply(f"OK later {key}"))
         else:
             self.held.append((key, future))
         return future
@@ -472,7 +517,7 @@ class Gated(FakeResponder):
     def release(self) -> None:
         self.released = True
         for key, future in self.held:
-            future.set_result(f"OK later {key}")
+            future.set_result(encode_reply(f"OK later {key}"))
         self.held.clear()
 
 
@@ -1133,9 +1178,11 @@ SYSTEMD_CHILD = textwrap.dedent(
 
     from postfix_mtasts.server import Server
 
+    from postfix_mtasts.netstring import encode_reply
+
     class Responder:
         def lookup(self, name, key):
-            return "OK secure match=" + key
+            return encode_reply("OK secure match=" + key)
 
     async def main():
         server = Server(Responder(), sys.argv[2:])

@@ -10,7 +10,8 @@ from postfix_mtasts import netstring
 from postfix_mtasts.config import Profile
 from postfix_mtasts.dane import DaneResult, DaneState, tlsa_usable
 from postfix_mtasts.mtasts import parse_policy
-from postfix_mtasts.postfix import MAX_REPLY, NOTFOUND, dane_reply, policy_reply
+from postfix_mtasts.netstring import MAX_REPLY
+from postfix_mtasts.postfix import NOTFOUND, dane_reply, policy_reply
 
 TLSRPT = Profile(testing="notfound", tlsrpt=True)
 
