@@ -18,9 +18,9 @@ import asyncio
 import logging
 
 from postfix_mtasts import config, postfix
-from postfix_mtasts.dane import DaneResult, DaneState
+from postfix_mtasts.dane import DaneCache, DaneResult, DaneState
 from postfix_mtasts.netstring import ReplyError, encode_reply, temp
-from postfix_mtasts.policydb import DaneCache, Decision, PolicyDB
+from postfix_mtasts.policydb import Decision, PolicyDB
 
 __all__ = ["MEMO_NAMES", "MEMO_SIZE", "Responder", "Unready"]
 

@@ -24,9 +24,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from postfix_mtasts import __version__, config
+from postfix_mtasts.dane import DaneCache
 from postfix_mtasts.fetch import Fetcher
 from postfix_mtasts.listeners import Listener, ListenerError, parse_listener
-from postfix_mtasts.policydb import CacheSettings, DaneCache, PolicyDB
+from postfix_mtasts.policydb import PolicyDB
 from postfix_mtasts.resolver import Resolver
 from postfix_mtasts.responder import Responder, Unready
 from postfix_mtasts.server import Server
@@ -65,22 +66,6 @@ def make_fetcher(settings: config.Config, resolver: Resolver) -> Fetcher:
         connect_timeout=https.connect_timeout,
         allow_private_addresses=https.allow_private_addresses,
         proxies={"https": https.proxy} if https.proxy else None,
-    )
-
-
-def cache_settings(settings: config.Config) -> CacheSettings:
-    c = settings.cache
-    return CacheSettings(
-        txt_check_interval=c.txt_check_interval,
-        refresh_interval=c.refresh_interval,
-        unused_after=c.unused_after,
-        no_record_ttl=c.no_record_ttl,
-        fetch_retry_interval=c.fetch_retry_interval,
-        first_lookup_deadline=c.first_lookup_deadline,
-        max_lookups=c.max_lookups,
-        memory_domains=c.memory_domains,
-        # A running lookup fetches in a thread: as many threads as lookups may run.
-        lookup_threads=c.max_lookups,
     )
 
 
@@ -404,7 +389,7 @@ class _Daemon:
         resolver = make_resolver(self.settings)
         store = make_store(self.settings)
         self.db = PolicyDB(
-            store, resolver, make_fetcher(self.settings, resolver), cache_settings(self.settings)
+            store, resolver, make_fetcher(self.settings, resolver), self.settings.cache
         )
         dane_cache = self.start_dane(resolver)
         self.responder = Responder(self.settings, self.db, dane_cache)
@@ -487,7 +472,7 @@ class _Daemon:
         resolver = make_resolver(new)
         self.db.resolver = resolver
         self.db.fetcher = make_fetcher(new, resolver)
-        self.db.settings = cache_settings(new)
+        self.db.settings = new.cache
         self.settings = new
         if new.dane.enabled != old.dane.enabled or new.dns != old.dns:
             if self.responder.dane is not None:

@@ -33,7 +33,6 @@ from postfix_mtasts.listeners import (
     parse_listener,
     systemd_fds,
 )
-from postfix_mtasts.mtasts import parse_policy
 from postfix_mtasts.netstring import MAX_REPLY, Decoder, encode, encode_reply
 from postfix_mtasts.policydb import Decision
 from postfix_mtasts.responder import Responder
@@ -353,8 +352,8 @@ async def test_reply_that_postfix_must_not_see_becomes_temp(
         + "max_age: 86400\n"
     )
     decisions = Decisions(
-        Decision("huge.example", parse_policy(text), text),
-        Decision("empty.example", parse_policy(RFC_EXAMPLE_POLICY), RFC_EXAMPLE_POLICY),
+        Decision("huge.example", policy_text=text),
+        Decision("empty.example", policy_text=RFC_EXAMPLE_POLICY),
     )
     real_policy_reply = postfix.policy_reply
 
