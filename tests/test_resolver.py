@@ -61,6 +61,11 @@ def txt(request: pytest.FixtureRequest) -> TXTQuery:
     return lambda resolver, name: asyncio.run(resolver.txt_async(name))
 
 
+def _addresses_in_a_thread(resolver: Resolver, name: str) -> list[str]:
+    # As the command-line tool asks: A, then AAAA, both blocking.
+    return [address for family in resolver.address_families(name) for address in family]
+
+
 def _addresses_on_a_loop(resolver: Resolver, name: str) -> list[str]:
     # As the daemon asks: the A query on its loop, then AAAA (only if needed) in a thread.
     ipv4: AddressOutcome
@@ -75,7 +80,7 @@ def _addresses_on_a_loop(resolver: Resolver, name: str) -> list[str]:
 def addresses(request: pytest.FixtureRequest) -> AddressQuery:
     """The addresses of a name, asked the blocking way or the daemon's way."""
     if request.param == "thread":
-        return lambda resolver, name: resolver.addresses(name)
+        return _addresses_in_a_thread
     return _addresses_on_a_loop
 
 
