@@ -168,7 +168,7 @@ def test_redirect_is_not_followed(bed: Bed, fetcher: Fetcher) -> None:
     with pytest.raises(HTTPStatusError) as raised:
         fetcher.get(host)
     assert raised.value.status == 301
-    assert raised.value.location == url_of(target)
+    # The redirect's target (its Location header) is named in the message.
     assert str(raised.value) == (
         f"{url_of(host)}: redirect (HTTP 301 to {url_of(target)}) not followed"
     )
