@@ -37,6 +37,8 @@ from typing import Any
 
 import requests
 import requests.adapters
+import urllib3
+import urllib3.connectionpool
 import urllib3.exceptions
 import urllib3.response
 
@@ -178,6 +180,26 @@ class _PinnedHostAdapter(requests.adapters.HTTPAdapter):
             "ssl_context": self._ssl_context,
         }
         return host_params, tls_kwargs
+
+    def get_connection_with_tls_context(
+        self,
+        request: requests.PreparedRequest,
+        verify: Any,
+        proxies: Mapping[str, str] | None = None,
+        cert: Any = None,
+    ) -> urllib3.connectionpool.ConnectionPool:
+        """A pool of its own for a request sent directly, requests' pools through a proxy.
+
+        A policy fetch never reuses its connection ("Connection: close"), so keeping a pool per
+        host in the pool manager would only add a key, an eviction and a lock shared by every
+        lookup thread to each fetch.
+        """
+        if proxies:
+            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+        host_params, pool_kwargs = self.build_connection_pool_key_attributes(request, verify, cert)
+        return urllib3.HTTPSConnectionPool(
+            host_params["host"], host_params["port"], maxsize=1, **pool_kwargs
+        )
 
     def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
         # requests would load certifi's bundle into the connection (verify=True means "its
