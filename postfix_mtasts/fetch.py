@@ -37,10 +37,10 @@ from typing import Any
 
 import requests
 import requests.adapters
-import urllib3.connection
+import urllib3
+import urllib3.connectionpool
 import urllib3.exceptions
 import urllib3.response
-import urllib3.util
 
 from postfix_mtasts import __version__
 from postfix_mtasts.resolver import (
@@ -78,10 +78,9 @@ class FetchError(Exception):
 class HTTPStatusError(FetchError):
     """The server answered with a status other than 200 (a 3xx is not followed: RFC 8461 §3.3)."""
 
-    def __init__(self, message: str, status: int, location: str | None = None) -> None:
+    def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
-        self.location = location
 
 
 class CertificateError(FetchError):
@@ -100,8 +99,8 @@ class CertificateError(FetchError):
 
 
 # The deadline of the fetch running in this thread (time.monotonic()). One SSLContext serves every
-# fetch: building one costs milliseconds (tens of them with the system's CA store), so the deadline
-# of each fetch lives with its thread instead, which is where requests does the fetch's I/O.
+# fetch: building one means loading the trust anchors again (the whole system store by default), so
+# the deadline of each fetch lives with its thread instead, which is where requests does its I/O.
 _deadline = threading.local()
 
 
@@ -138,23 +137,20 @@ _DeadlineSSLContext.sslsocket_class = _DeadlineSSLSocket
 # --- Connecting to the address we resolved ---------------------------------------------------
 #
 # The request goes to a URL naming the IP address (https://192.0.2.1/...), so urllib3 dials exactly
-# that address and never consults the system resolver. urllib3's ``server_hostname`` connection
-# argument makes the TLS layer send SNI for, and verify the certificate against, the host name
-# instead (ssl's own check_hostname, so failures are ordinary ssl.SSLCertVerificationError), and
-# the ``Host`` header names the host. All of this is public API: urllib3's documented connection
-# and pool arguments and requests' HTTPAdapter hooks for subclasses (``send``,
-# ``build_response``, ``build_connection_pool_key_attributes`` since requests 2.32), rather than
-# urllib3's private connection methods (``_new_conn``, ``_dns_host``), which change between
-# releases.
+# that address and never consults the system resolver. The transport adapter gives each pool the
+# policy host as ``server_hostname``: the TLS layer sends SNI for it and verifies the certificate
+# against it, and the ``Host`` header names it. The check is ssl's own (our context has
+# check_hostname on), so a failure is the TLS layer's ssl.SSLCertVerificationError. urllib3's
+# ``assert_hostname`` is not set: given one, urllib3 turns the shared context's check_hostname off
+# and matches the name itself after the handshake, a second check with other errors.
 #
-# One adapter serves every fetch of a Fetcher, from every thread. Without a proxy each fetch has a
-# connection of its own (``_PinnedHostAdapter.send``): it is never reused, so a pool per host would
-# be pure cost. Through a configured proxy requests' own pools and ProxyManager are used, keyed by
-# address, port, server_hostname and SSL context, so two hosts on one address never share a
-# connection; the proxy is asked to CONNECT to the address we resolved. The request is handed to
-# the adapter directly: a Session would merge environment settings, cookies and hooks that a
-# policy fetch must not have, and that merging cost more CPU than the rest of the request
-# (profiled: 2.1 ms against 1.4 ms a fetch, with the TLS handshake about 0.9 ms of either).
+# This is requests' extension point for it (``build_connection_pool_key_attributes``, public
+# since requests 2.32.2): the pool key carries the host name and our SSL context, so two hosts
+# on one address never share a connection, and requests' own ``send`` does the rest, with no
+# retries and no redirects. Through a configured proxy the same pool settings apply, and the
+# proxy is asked to CONNECT to the address we resolved. The request is handed to the adapter
+# directly: a Session would merge environment settings, cookies and hooks that a policy fetch
+# must not have.
 
 
 def _host_of(host_header: str) -> str:
@@ -168,8 +164,8 @@ class _PinnedHostAdapter(requests.adapters.HTTPAdapter):
 
     def __init__(self, ssl_context: ssl.SSLContext) -> None:
         self._ssl_context = ssl_context
-        # Connections are not kept (every request says "Connection: close"); a pool per host is
-        # kept for the few most recent ones.
+        # No retries: a failed connection moves on to the host's next address (Fetcher.get),
+        # under one deadline. Connections are not kept (every request says "Connection: close").
         super().__init__(max_retries=0, pool_connections=16, pool_maxsize=1)
 
     def build_connection_pool_key_attributes(
@@ -185,55 +181,25 @@ class _PinnedHostAdapter(requests.adapters.HTTPAdapter):
         }
         return host_params, tls_kwargs
 
-    def send(
+    def get_connection_with_tls_context(
         self,
         request: requests.PreparedRequest,
-        stream: bool = False,
-        timeout: Any = None,  # (connect, read), as Fetcher passes it
-        verify: Any = True,
-        cert: Any = None,
+        verify: Any,
         proxies: Mapping[str, str] | None = None,
-    ) -> requests.Response:
-        """Send ``request`` over a connection of its own, or through requests' pools when a
-        proxy is configured.
+        cert: Any = None,
+    ) -> urllib3.connectionpool.ConnectionPool:
+        """A pool of its own for a request sent directly, requests' pools through a proxy.
 
-        A policy fetch never reuses a connection (it says ``Connection: close``), so the pool a
-        new host would get costs a third of the Python work of the fetch for nothing. The
-        connection is urllib3's, as in a pool, with the same TLS settings; the response is built
-        by requests' ``build_response`` and reads the socket until it is closed.
+        A policy fetch never reuses its connection ("Connection: close"), so keeping a pool per
+        host in the pool manager would only add a key, an eviction and a lock shared by every
+        lookup thread to each fetch.
         """
         if proxies:
-            return super().send(
-                request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies
-            )
-        assert request.url is not None and request.method is not None
-        url = urllib3.util.parse_url(request.url)
-        connect_timeout, read_timeout = timeout
-        connection = urllib3.connection.HTTPSConnection(
-            (url.host or "").strip("[]"),
-            url.port or HTTPS_PORT,
-            timeout=connect_timeout,
-            server_hostname=_host_of(request.headers["Host"]),
-            ssl_context=self._ssl_context,
-            cert_reqs="CERT_REQUIRED",
+            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+        host_params, pool_kwargs = self.build_connection_pool_key_attributes(request, verify, cert)
+        return urllib3.HTTPSConnectionPool(
+            host_params["host"], host_params["port"], maxsize=1, **pool_kwargs
         )
-        try:
-            # The TCP connection and the TLS handshake, under the connect timeout.
-            connection.connect()
-            connection.timeout = read_timeout
-            connection.request(
-                request.method,
-                url.request_uri,
-                headers=request.headers,
-                preload_content=False,
-                decode_content=False,
-            )
-            raw = connection.getresponse()
-        finally:
-            # Once the response has the socket, closing the connection leaves it open for the
-            # response, which closes it when it is closed itself (as http.client does).
-            connection.close()
-        return self.build_response(request, raw)
 
     def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
         # requests would load certifi's bundle into the connection (verify=True means "its
@@ -493,46 +459,52 @@ class Fetcher:
                 proxies=self._proxies,
             )
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise self._request_failed(url, address, exc, deadline) from exc
+            failure, cause = self._request_failed(url, address, exc, deadline)
+            raise failure from cause
         try:
             self._check_response(url, response)
             return self._read_body(url, response, deadline)
         finally:
             response.close()
 
-    def _request_failed(self, url: str, address: str, exc: Exception, deadline: float) -> Exception:
+    def _request_failed(
+        self, url: str, address: str, exc: Exception, deadline: float
+    ) -> tuple[Exception, BaseException]:
+        """The error a failed request is, and the most specific exception behind it (requests
+        wraps urllib3's, which wraps the socket's or the TLS layer's) to chain it to."""
         local = local_cause(exc)
         if local is not None:
             # This machine could not make the request: nothing is known about the policy host.
-            return LocalError(f"{url}: not fetched: {local.strerror or local}")
+            return LocalError(f"{url}: not fetched: {local.strerror or local}"), local
         verify_error = _find(exc, ssl.SSLCertVerificationError)
         if isinstance(verify_error, ssl.SSLCertVerificationError):
             reason = verify_error.verify_message or verify_error.reason or str(verify_error)
-            return CertificateError(f"{url}: certificate verify failed: {reason}")
+            return CertificateError(f"{url}: certificate verify failed: {reason}"), verify_error
         proxy_error = _find(exc, urllib3.exceptions.ProxyError)
         if proxy_error is not None:
             # Checked before connection errors: it wraps the failure to reach the proxy itself.
-            return FetchError(f"{url}: proxy failed: {_plain_cause(proxy_error)}")
+            return FetchError(f"{url}: proxy failed: {_plain_cause(proxy_error)}"), proxy_error
         connect_error = _find(exc, urllib3.exceptions.ConnectTimeoutError)
         if connect_error is not None:
+            where = f"{address} port {self.port}"
             if isinstance(connect_error, urllib3.exceptions.NewConnectionError):
-                return _ConnectFailed(f"{address} port {self.port}", _plain_cause(exc).lower())
+                return _ConnectFailed(where, _plain_cause(exc).lower()), connect_error
             if time.monotonic() < deadline:
-                return _ConnectFailed(
-                    f"{address} port {self.port}", f"timed out after {self.connect_timeout}s"
-                )
+                timed_out = f"timed out after {self.connect_timeout}s"
+                return _ConnectFailed(where, timed_out), connect_error
         if time.monotonic() >= deadline or _find(exc, TimeoutError) is not None:
             if time.monotonic() >= deadline:
-                return FetchError(self._timed_out(url))
+                return FetchError(self._timed_out(url)), exc
             # Only the TLS handshake runs under the connect timeout rather than the deadline.
             return FetchError(
                 f"{url}: timed out: TLS handshake with {address} not done within "
                 f"{float(self.connect_timeout)}s"
-            )
+            ), exc
         ssl_error = _find(exc, ssl.SSLError)
         if ssl_error is not None:
-            return FetchError(f"{url}: TLS with {address} failed: {_plain_cause(ssl_error)}")
-        return FetchError(f"{url}: {_plain_cause(exc)}")
+            failed = f"{url}: TLS with {address} failed: {_plain_cause(ssl_error)}"
+            return FetchError(failed), ssl_error
+        return FetchError(f"{url}: {_plain_cause(exc)}"), exc
 
     def _check_response(self, url: str, response: requests.Response) -> None:
         status = response.status_code
@@ -540,9 +512,7 @@ class Fetcher:
             # RFC 8461 §3.3: "HTTP 3xx redirects MUST NOT be followed".
             location = response.headers.get("Location")
             target = f" to {location}" if location else ""
-            raise HTTPStatusError(
-                f"{url}: redirect (HTTP {status}{target}) not followed", status, location
-            )
+            raise HTTPStatusError(f"{url}: redirect (HTTP {status}{target}) not followed", status)
         if status != 200:
             # RFC 8461 §3.3: only "200 OK" carries a policy.
             raise HTTPStatusError(f"{url}: HTTP {status}", status)

@@ -119,7 +119,8 @@ def test_next_address_is_tried_when_one_refuses(bed: Bed, unused_loopback: str) 
     )
     host = new_policy_host(bed, "second", body=b"version: STSv1\n")
     bed.dns_set(host, "A", [bed.https_address, unused_loopback])
-    assert authoritative.addresses(host)[0] == unused_loopback, "precondition: refusing one first"
+    ipv4 = next(authoritative.address_families(host))
+    assert ipv4[0] == unused_loopback, "precondition: refusing one first"
     assert fetcher.get(host) == b"version: STSv1\n"
 
 
@@ -167,7 +168,7 @@ def test_redirect_is_not_followed(bed: Bed, fetcher: Fetcher) -> None:
     with pytest.raises(HTTPStatusError) as raised:
         fetcher.get(host)
     assert raised.value.status == 301
-    assert raised.value.location == url_of(target)
+    # The redirect's target (its Location header) is named in the message.
     assert str(raised.value) == (
         f"{url_of(host)}: redirect (HTTP 301 to {url_of(target)}) not followed"
     )

@@ -61,6 +61,11 @@ def txt(request: pytest.FixtureRequest) -> TXTQuery:
     return lambda resolver, name: asyncio.run(resolver.txt_async(name))
 
 
+def _addresses_in_a_thread(resolver: Resolver, name: str) -> list[str]:
+    # As the command-line tool asks: A, then AAAA, both blocking.
+    return [address for family in resolver.address_families(name) for address in family]
+
+
 def _addresses_on_a_loop(resolver: Resolver, name: str) -> list[str]:
     # As the daemon asks: the A query on its loop, then AAAA (only if needed) in a thread.
     ipv4: AddressOutcome
@@ -75,7 +80,7 @@ def _addresses_on_a_loop(resolver: Resolver, name: str) -> list[str]:
 def addresses(request: pytest.FixtureRequest) -> AddressQuery:
     """The addresses of a name, asked the blocking way or the daemon's way."""
     if request.param == "thread":
-        return lambda resolver, name: resolver.addresses(name)
+        return _addresses_in_a_thread
     return _addresses_on_a_loop
 
 
@@ -481,3 +486,25 @@ def test_cname_loop_ends(scripted: Callable[[Script], ScriptedNameserver], txt: 
     resolver = Resolver([scripted(script).address], timeout=TIMEOUT)
     with pytest.raises(DNSTemporaryError, match="CNAME chain longer than"):
         txt(resolver, "a.example.org")
+
+
+def test_tlsa_reply_to_another_question_is_not_taken(
+    scripted: Callable[[Script], ScriptedNameserver],
+) -> None:
+    # The lenient TLSA exchange takes a reply only if it answers the question asked
+    # (Message.is_response), not merely because it carries the query's id.
+    def script(query: dns.message.QueryMessage) -> dns.message.Message:
+        other = dns.message.make_query("_25._tcp.elsewhere.example.", "TLSA")
+        other.id = query.id
+        reply = dns.message.make_response(other)
+        reply.answer.append(_rrset("_25._tcp.elsewhere.example.", "TLSA", "3 1 1 " + "ab" * 32))
+        return reply
+
+    server = scripted(script)
+    resolver = Resolver([server.address], timeout=0.3, lifetime=0.6)
+    with pytest.raises(DNSTemporaryError) as raised:
+        resolver.secure_query("_25._tcp.mx.example.org", "TLSA")
+    port = server.address.split(":")[1]
+    assert str(raised.value) == (
+        f"_25._tcp.mx.example.org TLSA: no answer from 127.0.0.1 port {port}"
+    )
