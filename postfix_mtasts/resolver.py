@@ -30,7 +30,6 @@ the asyncio resolver behind ``txt_async`` and ``ipv4_async``, made on its first 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import re
 import socket
 import time
@@ -51,6 +50,8 @@ import dns.rdtypes.ANY.TXT
 import dns.resolver
 import dns.rrset
 
+from postfix_mtasts.listeners import parse_nameserver
+
 __all__ = [
     "AddressOutcome",
     "DNSFailure",
@@ -60,10 +61,8 @@ __all__ = [
     "Resolver",
     "SecureAnswer",
     "local_cause",
-    "parse_nameserver",
 ]
 
-DNS_PORT = 53
 
 # A CNAME chain that leaves the answer of one query (possible when asking an authoritative
 # server directly) is followed by asking again for the target; this bounds such loops.
@@ -151,54 +150,6 @@ class SecureAnswer:
     nxdomain: bool = False
     # Records of the answer that could not be parsed and were left out (see _tlsa_query).
     malformed: int = 0
-
-
-def parse_nameserver(text: str) -> tuple[str, int]:
-    """Split a nameserver given as ``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6
-    address into ``(address, port)``; the port defaults to 53.
-
-    The host must be an IP address: looking a nameserver's name up would need a resolver first.
-    Raises ``ValueError`` naming the text and what is wrong with it.
-    """
-    value = text.strip()
-    host, port_text = value, ""
-    if value.startswith("["):
-        # "[2001:db8::53]" or "[2001:db8::53]:5353"
-        end = value.find("]")
-        if end < 0:
-            raise ValueError(f"nameserver {text!r}: missing ']'")
-        host, rest = value[1:end], value[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"nameserver {text!r}: expected ':PORT' after ']'")
-            port_text = rest[1:]
-            if not port_text:
-                raise ValueError(f"nameserver {text!r}: empty port")
-        try:
-            bracketed = ipaddress.ip_address(host)
-        except ValueError as exc:
-            raise ValueError(f"nameserver {text!r}: {host!r} is not an IPv6 address") from exc
-        if bracketed.version != 6:
-            raise ValueError(f"nameserver {text!r}: only IPv6 addresses go in brackets")
-    elif value.count(":") == 1:
-        # "192.0.2.53:5353"; more than one colon can only be a bare IPv6 address.
-        host, port_text = value.split(":")
-        if not port_text:
-            raise ValueError(f"nameserver {text!r}: empty port")
-    if not host:
-        raise ValueError(f"nameserver {text!r}: empty address")
-    try:
-        address = str(ipaddress.ip_address(host))
-    except ValueError as exc:
-        raise ValueError(f"nameserver {text!r}: {host!r} is not an IP address") from exc
-    port = DNS_PORT
-    if port_text:
-        if not (port_text.isascii() and port_text.isdigit()):
-            raise ValueError(f"nameserver {text!r}: port {port_text!r} is not a number")
-        port = int(port_text)
-        if not 1 <= port <= 65535:
-            raise ValueError(f"nameserver {text!r}: port {port} is out of range 1-65535")
-    return address, port
 
 
 def _describe_errors(errors: Sequence[dns.resolver.ErrorTuple]) -> str:

@@ -31,7 +31,6 @@ from postfix_mtasts.resolver import (
     DNSNotFound,
     DNSTemporaryError,
     Resolver,
-    parse_nameserver,
 )
 
 # Generous for loopback, small enough that a test of a dead server stays quick.
@@ -82,57 +81,6 @@ def addresses(request: pytest.FixtureRequest) -> AddressQuery:
     if request.param == "thread":
         return _addresses_in_a_thread
     return _addresses_on_a_loop
-
-
-# --------------------------------------------------------------------------------------------------
-# Nameserver strings (pure).
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("192.0.2.53", ("192.0.2.53", 53)),
-        ("192.0.2.53:5353", ("192.0.2.53", 5353)),
-        (" 127.0.0.1:53 ", ("127.0.0.1", 53)),
-        ("2001:db8::53", ("2001:db8::53", 53)),
-        ("::1", ("::1", 53)),
-        ("[2001:db8::53]", ("2001:db8::53", 53)),
-        ("[2001:db8::53]:5353", ("2001:db8::53", 5353)),
-        ("[::1]:1", ("::1", 1)),
-        ("2001:DB8:0:0::53", ("2001:db8::53", 53)),
-        ("10.0.0.1:65535", ("10.0.0.1", 65535)),
-    ],
-)
-def test_nameserver_text_gives_address_and_port(text: str, expected: tuple[str, int]) -> None:
-    assert parse_nameserver(text) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "complaint"),
-    [
-        ("", "empty address"),
-        (":53", "empty address"),
-        ("192.0.2.53:", "empty port"),
-        ("192.0.2.53:dns", "not a number"),
-        ("192.0.2.53:0", "out of range"),
-        ("192.0.2.53:65536", "out of range"),
-        ("192.0.2.53:+53", "not a number"),
-        ("ns.example.org", "not an IP address"),
-        ("ns.example.org:53", "not an IP address"),
-        ("192.0.2.300", "not an IP address"),
-        ("[2001:db8::53", "missing ']'"),
-        ("[2001:db8::53]53", "expected ':PORT'"),
-        ("[2001:db8::53]:", "empty port"),
-        ("[192.0.2.53]:53", "only IPv6"),
-        ("[ns.example.org]", "not an IPv6 address"),
-        ("2001:db8::53:5353:1:2:3:4:5", "not an IP address"),
-    ],
-)
-def test_malformed_nameserver_text_is_refused_with_the_reason(text: str, complaint: str) -> None:
-    with pytest.raises(ValueError, match="nameserver") as raised:
-        parse_nameserver(text)
-    assert complaint in str(raised.value)
-    assert repr(text) in str(raised.value)
 
 
 @pytest.mark.parametrize(
