@@ -44,6 +44,7 @@ __all__ = [
     "check_due",
     "consult",
     "expire",
+    "held_decision",
     "in_force",
     "keep_in_memory",
     "purge_horizons",
@@ -189,6 +190,24 @@ def _decision(domain: str, entry: Entry, policy: Policy | None, failure: str = "
         expires_at=entry.expires_at if policy is not None else None,
         error=entry.last_error,
         failure=failure,
+    )
+
+
+def held_decision(domain: str, entry: Entry, policy: bool, valid_until: float) -> Decision | None:
+    """The decision memory answers with (``policy``: a policy or not; until ``valid_until``),
+    read back from the stored ``entry``; None when the entry holds another answer. A policy is
+    only replaced by a fetch, and each fetch gives a new ``expires_at``: the same ``expires_at``
+    is the same policy."""
+    if not policy:
+        return _decision(domain, entry, None)
+    if entry.policy_text is None or entry.expires_at != valid_until:
+        return None
+    return Decision(
+        domain=domain,
+        policy_text=entry.policy_text,
+        record_id=entry.record_id,
+        expires_at=entry.expires_at,
+        error=entry.last_error,
     )
 
 
@@ -412,10 +431,11 @@ def keep_in_memory(valid_until: float, last_used: float, now: float, settings: C
     return last_used >= now - settings.unused_after and valid_until > now
 
 
-def check_due(decision: Decision, valid_until: float, check_after: float, now: float) -> bool:
-    """Whether maintenance refreshes a domain nobody asked for lately: a policy in force whose
-    check (TXT record, proactive refresh) is due, so that it never falls out of the cache."""
-    return decision.policy_text is not None and valid_until > now and now >= check_after
+def check_due(policy: bool, valid_until: float, check_after: float, now: float) -> bool:
+    """Whether maintenance refreshes a domain nobody asked for lately: a policy (``policy``) in
+    force whose check (TXT record, proactive refresh) is due, so that it never falls out of the
+    cache."""
+    return policy and valid_until > now and now >= check_after
 
 
 def purge_horizons(now: float, settings: CacheConfig) -> tuple[float, float]:

@@ -59,28 +59,62 @@ SHRINK_SHARE = 0.1
 # An outage (the store failing, local resources running out) is logged when it starts, and then
 # at most this often while it lasts, with the number of failures since.
 OUTAGE_LOG_INTERVAL = 60.0
+# Map names whose replies are kept per domain (Postfix uses one or two; a client making names up
+# gets answers, not memory).
+REPLY_NAMES = 4
+# Last-used times are kept to this precision: one float object shared by the domains used within
+# it, rather than one per domain.
+USED_PRECISION = 1.0
 
 
 class _Slot:
-    """The in-memory state of one domain: the decision to answer with, until when it may be
-    answered without asking anyone, from when it is to be checked, and when it was last used.
+    """The in-memory state of one domain: until when its answer may be given without asking
+    anyone, from when it is to be checked, when it was last used, and the replies kept for it.
 
-    Only what the hot path reads: one is kept per cached domain, and at 100000 domains every
-    attribute costs megabytes. The entry behind the decision lives in the store (a revalidation
-    reads it again: another daemon may have refreshed it); lookups under way, their askers'
-    deadlines and entries the store failed to take are kept aside, for the few domains concerned.
-    ``valid_until`` is the decision's ``expires_at`` (or the entry's backoff) itself, not a copy.
-    """
+    One is kept per cached domain, so it holds what the hot path reads and little else: at
+    100000 domains every attribute costs megabytes. ``decision`` (with the policy text and the
+    record id) is held until the responder keeps its reply here (:meth:`PolicyDB.remember`); then
+    it is dropped, for the replies are all the hot path needs, and it is read back from the store
+    when asked for again (a new map name, a changed configuration, a check). ``policy`` says
+    whether the answer is a policy. ``valid_until`` is the policy's ``expires_at`` (or the entry's
+    backoff) itself. Replies: ``reply`` for the map name ``reply_name``, ``more`` for up to
+    ``REPLY_NAMES - 1`` others (a tuple of name, reply, name, reply...)."""
 
-    __slots__ = ("check_after", "decision", "last_used", "valid_until")
+    __slots__ = (
+        "check_after",
+        "decision",
+        "last_used",
+        "more",
+        "policy",
+        "reply",
+        "reply_name",
+        "valid_until",
+    )
 
     def __init__(
         self, decision: Decision, valid_until: float, check_after: float, last_used: float
     ) -> None:
-        self.decision = decision
+        self.decision: Decision | None = decision
+        self.policy = decision.policy_text is not None
         self.valid_until = valid_until
         self.check_after = check_after
         self.last_used = last_used
+        self.reply_name: str | None = None
+        self.reply: bytes | None = None
+        self.more: tuple[str | bytes, ...] | None = None
+
+    def update(self, decision: Decision, valid_until: float, check_after: float) -> None:
+        """Answer ``decision`` from now. The replies kept stay when they are still those of the
+        new decision: both without a policy, or both the same fetched policy (a policy is only
+        replaced by a fetch, and every fetch gives a new ``expires_at``); then the decision, read
+        back or checked, is not held either."""
+        if self.reply_name is not None and _same(self, decision):
+            self.decision = None
+        else:
+            self.decision = decision
+            self.reply_name = self.reply = self.more = None
+        self.policy = decision.policy_text is not None
+        self.valid_until, self.check_after = valid_until, check_after
 
 
 class _Result(NamedTuple):
@@ -127,6 +161,15 @@ class _Outage:
             count, self._failures = self._failures, 0
         if count:
             log.warning("%s: works again after %d failures", self.what, count)
+
+
+def _same(slot: _Slot, decision: Decision) -> bool:
+    """Whether ``decision`` gives the answer ``slot`` holds: both without a policy, or both the
+    same fetched policy (a policy is only replaced by a fetch, and each fetch gives a new
+    ``expires_at``)."""
+    if decision.policy_text is None:
+        return not slot.policy
+    return slot.policy and decision.expires_at == slot.valid_until
 
 
 def _log_notes(notes: tuple[Note, ...]) -> None:
@@ -180,6 +223,8 @@ class PolicyDB:
         self._unsaved: dict[str, Entry] = {}
         # Slots used at or after this time are written to the store by the next flush().
         self._flushed_at = -math.inf
+        # The last-used time handed out lately (_used()).
+        self._used_at = -math.inf
         self._store_reads = _Outage("cannot read the cache")
         self._store_writes = _Outage("cannot write the cache")
         self._local = _Outage("lookups fail for want of local resources")
@@ -211,13 +256,72 @@ class PolicyDB:
             self.hits += 1
             # In the slot, which is at hand, rather than in a dict of its own: at 100000 domains
             # every object touched per answer is a cache miss.
-            slot.last_used = now
+            slot.last_used = self._used(now)
             if now >= slot.check_after and domain not in self._lookups:
                 self._start(domain, slot)
-            return slot.decision
+            if slot.decision is not None:
+                return slot.decision
+            # Only the replies are held: the decision is read back from the store, never asked
+            # of the network.
+            return asyncio.ensure_future(self._read_back(domain, slot))
         self.misses += 1
         if slot is not None:
-            slot.last_used = now
+            slot.last_used = self._used(now)
+        return self._ask(domain, slot)
+
+    def recall(self, name: str, domain: str) -> bytes | None:
+        """The reply kept for map ``name`` and ``domain`` (:meth:`remember`) while its answer
+        holds, else None. The hot path: a dict look-up, two comparisons, a string comparison."""
+        slot = self._slots.get(domain)
+        if slot is None:
+            return None
+        if slot.reply_name == name:
+            reply = slot.reply
+        elif slot.more is not None and name in slot.more:
+            reply = slot.more[slot.more.index(name) + 1]  # type: ignore[assignment]
+        else:
+            return None
+        now = self._clock()
+        if now >= slot.valid_until:
+            return None
+        self.hits += 1
+        slot.last_used = self._used(now)
+        if now >= slot.check_after and domain not in self._lookups:
+            self._start(domain, slot)
+        return reply
+
+    def remember(self, decision: Decision, name: str, reply: bytes) -> None:
+        """Keep ``reply``, the caller's reply for map ``name`` built from ``decision``, for
+        :meth:`recall`, while ``decision`` is the domain's answer; the decision itself is then no
+        longer held (the store has it). ``name`` is kept as given: pass one string per name."""
+        slot = self._slots.get(decision.domain)
+        if slot is None or decision.defer or not _same(slot, decision):
+            return
+        if self._clock() >= slot.valid_until:
+            return
+        if slot.reply_name is None:
+            slot.reply_name, slot.reply = name, reply
+        elif slot.reply_name != name:
+            more = slot.more or ()
+            if name in more or len(more) >= 2 * (REPLY_NAMES - 1):
+                return
+            slot.more = (*more, name, reply)
+        slot.decision = None
+
+    def forget_replies(self) -> None:
+        """Drop every reply kept (the configuration's profiles changed); a decision no longer held
+        is read back from the store when next asked for."""
+        for slot in self._slots.values():
+            slot.reply_name = slot.reply = slot.more = None
+
+    def _used(self, now: float) -> float:
+        """``now`` as a last-used time: one float object for every domain used within
+        USED_PRECISION, rather than one per domain."""
+        if now - self._used_at >= USED_PRECISION or now < self._used_at:
+            self._used_at = now
+        return self._used_at
+
+    def _ask(self, domain: str, slot: _Slot | None) -> asyncio.Future[Decision]:
         deadline = self.settings.first_lookup_deadline
         # Someone waits for this lookup's first answer until the deadline.
         self._wanted[domain] = time.monotonic() + deadline
@@ -229,6 +333,36 @@ class PolicyDB:
             self._fallback,
         )
 
+    async def _read_back(self, domain: str, slot: _Slot) -> Decision:
+        """The decision behind the replies held for ``domain``, as the store holds it."""
+        loop = asyncio.get_running_loop()
+        deadline = self.settings.first_lookup_deadline
+        recover = functools.partial(self._recover, domain, slot.policy, slot.valid_until)
+        try:
+            decision = await asyncio.wait_for(
+                loop.run_in_executor(self._store_pool, recover), deadline
+            )
+        except TimeoutError:
+            return self._deferred(domain, f"the cache did not answer within {deadline:.0f}s")
+        if decision is None:
+            # The store no longer holds that answer (or cannot be read): what the rules make of
+            # what it holds now; a policy in force is never given up for want of it (_fallback).
+            return await self._ask(domain, self._slots.get(domain))
+        return cache_rules.unexpired(decision, self._clock())
+
+    def _recover(self, domain: str, policy: bool, valid_until: float) -> Decision | None:
+        """In the store's threads: the decision answered from memory, as the store (or the
+        entry memory keeps for it) holds it; None when it holds something else or nothing."""
+        entry = self._unsaved.get(domain)
+        if entry is None:
+            try:
+                entry = self._load(domain)
+            except StoreError:
+                return None
+        if entry is None:
+            return None
+        return cache_rules.held_decision(domain, entry, policy, valid_until)
+
     def _answer(self, result: _Result) -> Decision:
         # A lookup that straddled the expiry of the policy it kept must not hand it out (§5).
         return cache_rules.unexpired(result.found.decision, self._clock())
@@ -238,6 +372,11 @@ class PolicyDB:
         if isinstance(exc, TimeoutError):
             if job in self._queued:
                 return self._deferred(domain, f"lookup not started within {deadline:.0f}s")
+            slot = self._slots.get(domain)
+            if slot is not None and slot.policy and self._clock() < slot.valid_until:
+                # A policy in force whose decision could not be read back in time (§5: it must
+                # be applied): ask again later, never "no policy".
+                return self._deferred(domain, f"lookup still running after {deadline:.0f}s")
             # RFC 8461 §3.3: no policy known and none could be fetched in time: deliver as if the
             # domain had no MTA-STS. The lookup goes on and its result serves the next asker.
             log.warning(
@@ -264,7 +403,10 @@ class PolicyDB:
 
     def _start(self, domain: str, slot: _Slot | None) -> asyncio.Future[_Result]:
         current = slot.decision if slot is not None else None
-        job = asyncio.get_running_loop().create_task(self._refresh(domain, current))
+        # A policy in force whose decision memory dropped (the replies are held): the store has
+        # it, and _consult reads it back as the decision in force.
+        held = slot.valid_until if slot is not None and current is None and slot.policy else None
+        job = asyncio.get_running_loop().create_task(self._refresh(domain, current, held))
         return self._lookups.start(domain, job, self._finished)
 
     def _finished(self, domain: str, job: asyncio.Future[_Result]) -> None:
@@ -295,16 +437,16 @@ class PolicyDB:
             )
             self._slots[domain] = slot
         else:
-            slot.decision = found.decision
-            slot.valid_until, slot.check_after = found.valid_until, found.check_after
+            slot.update(found.decision, found.valid_until, found.check_after)
         if isinstance(found, Answer) and found.check and domain not in self._lookups:
             # Answered from the store while its check is due: make the check now, behind it.
             self._start(domain, slot)
 
-    async def _refresh(self, domain: str, current: Decision | None) -> _Result:
+    async def _refresh(self, domain: str, current: Decision | None, held: float | None) -> _Result:
         """Bring ``domain`` up to date, from the store or the network.
 
-        ``current`` is the decision answered from now (None for a domain not in memory). The
+        ``current`` is the decision answered from now (None for a domain not in memory, and for
+        one whose decision memory dropped, in which case ``held`` is its expiry). The
         store is read first (or the entry memory keeps because the store could not take it), and
         an unexpired policy found there is the answer at once (the network check follows in the
         background). The network part waits for its turn (``max_lookups``). The store is read
@@ -314,12 +456,15 @@ class PolicyDB:
         """
         loop = asyncio.get_running_loop()
         unsaved = self._unsaved.get(domain)
-        plan = await loop.run_in_executor(self._store_pool, self._consult, domain, current, unsaved)
+        plan = await loop.run_in_executor(
+            self._store_pool, self._consult, domain, current, unsaved, held
+        )
         if isinstance(plan, Answer):
             return _Result(plan, unsaved is None)
         # A check behind an answer in force waits as long as it takes; a lookup someone waits
         # for (nothing in force, or only an expired policy) only as long as they wait.
-        background = cache_rules.in_force(current, self._clock())
+        now = self._clock()
+        background = cache_rules.in_force(current, now) or (held is not None and held > now)
         turns = self._turns
         await self._take_turn(domain, turns, background)
         try:
@@ -371,7 +516,7 @@ class PolicyDB:
             self._queued.discard(job)
 
     def _consult(
-        self, domain: str, current: Decision | None, unsaved: Entry | None
+        self, domain: str, current: Decision | None, unsaved: Entry | None, held: float | None
     ) -> Answer | Plan:
         """In the store's threads: what the rules make of what the store (or memory) holds."""
         unread = ""
@@ -381,6 +526,14 @@ class PolicyDB:
                 entry = self._load(domain)
             except StoreError as exc:
                 unread = str(exc)
+        if held is not None:
+            current = (
+                None if entry is None else cache_rules.held_decision(domain, entry, True, held)
+            )
+            if current is None and not unread:
+                # Memory answers a policy the store no longer holds: as with a store that cannot
+                # be read, only a definite answer from the network may replace it (§5).
+                unread = "the cache no longer holds the policy in force"
         found = cache_rules.consult(domain, entry, current, self._clock(), self.settings, unread)
         _log_notes(found.notes)
         return found
@@ -455,9 +608,9 @@ class PolicyDB:
         holds. A policy only memory holds (the store failed to take it) goes last."""
         target = max(1, int(self.settings.memory_domains * SHRINK_SHARE))
         idle = [(d, slot) for d, slot in self._slots.items() if d not in self._lookups]
-        doomed = [d for d, slot in idle if slot.decision.policy_text is None][:target]
+        doomed = [d for d, slot in idle if not slot.policy][:target]
         if len(doomed) < target:
-            kept = [(d, s) for d, s in idle if s.decision.policy_text is not None]
+            kept = [(d, s) for d, s in idle if s.policy]
             doomed += [
                 d
                 for d, _ in heapq.nsmallest(
@@ -501,7 +654,9 @@ class PolicyDB:
 
     async def flush(self) -> None:
         """Write the last-used times gathered since the last flush to the store."""
-        since, self._flushed_at = self._flushed_at, self._clock()
+        # From now on, slots used get a last-used time of now or later (_used()).
+        self._used_at = self._clock()
+        since, self._flushed_at = self._flushed_at, self._used_at
         used = {d: slot.last_used for d, slot in self._slots.items() if slot.last_used >= since}
         if not used:
             return
@@ -538,7 +693,7 @@ class PolicyDB:
                 del self._slots[domain]
                 self._unsaved.pop(domain, None)
             elif domain not in self._unsaved and cache_rules.check_due(
-                slot.decision, slot.valid_until, slot.check_after, now
+                slot.policy, slot.valid_until, slot.check_after, now
             ):
                 self._start(domain, slot)
         if self._unsaved:

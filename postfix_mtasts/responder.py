@@ -7,9 +7,10 @@ the DANE verdict cache when DANE is enabled (RFC 8461 §2: a validated DANE poli
 precedence over MTA-STS), asks the policy cache (`policydb`), and turns the decision into the
 reply of the map's profile (`postfix.policy_reply`), framed by `netstring.encode_reply`.
 
-Framed replies are kept in one bounded memo per (map name, key), so that a cached answer costs no
-key parsing, no reply building and no framing. The memo is the hot path's only table besides the
-caches themselves.
+The framed reply is kept by the policy cache, per domain and map name (`PolicyDB.remember`), in
+place of the decision it was built from: a cached answer then costs no key parsing, no reply
+building and no framing (`PolicyDB.recall`), and a cached domain holds little more in memory than
+its replies and a few timestamps.
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ from postfix_mtasts.dane import DaneCache, DaneResult, DaneState
 from postfix_mtasts.netstring import ReplyError, encode_reply, temp
 from postfix_mtasts.policydb import Decision, PolicyDB
 
-__all__ = ["MEMO_NAMES", "MEMO_SIZE", "Responder", "Unready"]
+__all__ = ["MAP_NAMES", "Responder", "Unready"]
 
 log = logging.getLogger(__name__)
 
-# The memo holds at least this many entries, else twice the cached domains, for at most
-# MEMO_NAMES map names.
-MEMO_SIZE = 4096
-MEMO_NAMES = 64
+# Map names whose replies the cache keeps (db.remember); those of other names are built anew.
+MAP_NAMES = 64
 
 _NOTFOUND = encode_reply(postfix.NOTFOUND)
 # The replies to DANE verdicts that name no domain (all but TEMP), framed once.
@@ -54,15 +53,9 @@ class Responder:
         self._settings = settings
         self.db = db
         self.dane = dane_cache
-        # The memo: per map name, per key as Postfix sent it, the policy domain (the decision's
-        # own string), the MTA-STS decision the reply was built from and the framed reply.
-        # A new decision is a new object, so an identity check against the cache's current one
-        # keeps the memo true without reading the decision (at 100000 domains each object read
-        # per answer is a cache miss). A dict per map name rather than (name, key) tuples: no
-        # tuple to build and hash per request, and none to keep per cached domain. Map names and
-        # keys come from clients: the memo is bounded as a whole (``_memo_entries``).
-        self._replies: dict[str, dict[str, tuple[str, Decision, bytes]]] = {}
-        self._memo_entries = 0
+        # One string per map name, for the replies the cache keeps per name (db.remember):
+        # names come from clients, so at most MAP_NAMES of them.
+        self._names: dict[str, str] = {}
 
     @property
     def settings(self) -> config.Config:
@@ -72,42 +65,34 @@ class Responder:
     def settings(self, settings: config.Config) -> None:
         # Profiles may have changed: every kept reply may be wrong now.
         self._settings = settings
-        self._forget_replies()
+        self.db.forget_replies()
 
     def lookup(self, name: str, key: str) -> bytes | asyncio.Future[bytes]:
-        replies = self._replies.get(name)
-        memo = replies.get(key) if replies is not None else None
-        if memo is not None:
-            if self.dane is None:
-                # The hot path: a key answered before, whose decision has not changed.
-                decision = self.db.lookup(memo[0])
-                if decision is memo[1]:
-                    return memo[2]
-                return self._mtasts_reply(name, key, memo[0], decision)
-            domain = memo[0]
-        else:
-            found = postfix.policy_domain(key)
-            if found is None:
-                return _NOTFOUND
-            domain = found
+        if self.dane is None:
+            # The hot path: a key that is a cached policy domain, its reply kept for this name.
+            reply = self.db.recall(name, key)
+            if reply is not None:
+                return reply
+        domain = postfix.policy_domain(key)
+        if domain is None:
+            return _NOTFOUND
         if self.dane is not None:
             verdict = self.dane.lookup(domain)
             if not isinstance(verdict, DaneResult):
                 return asyncio.ensure_future(self._after_dane(verdict, name, key, domain))
-            reply = _dane_reply(verdict)
+            dane_reply = _dane_reply(verdict)
+            if dane_reply is not None:
+                return dane_reply
+        if domain is not key or self.dane is not None:
+            # A key written otherwise (case, a port) whose domain is cached, or DANE's turn
+            # passed to MTA-STS.
+            reply = self.db.recall(name, domain)
             if reply is not None:
                 return reply
         return self._mtasts_reply(name, key, domain)
 
-    def _mtasts_reply(
-        self,
-        name: str,
-        key: str,
-        domain: str,
-        decision: Decision | asyncio.Future[Decision] | None = None,
-    ) -> bytes | asyncio.Future[bytes]:
-        if decision is None:
-            decision = self.db.lookup(domain)
+    def _mtasts_reply(self, name: str, key: str, domain: str) -> bytes | asyncio.Future[bytes]:
+        decision = self.db.lookup(domain)
         if not isinstance(decision, Decision):
             return asyncio.ensure_future(self._later(decision, name, key))
         return self._remember(name, key, decision)
@@ -127,18 +112,11 @@ class Responder:
     async def _later(self, pending: asyncio.Future[Decision], name: str, key: str) -> bytes:
         return self._remember(name, key, await pending)
 
-    # The memo ------------------------------------------------------------------------------
-
     def _remember(self, name: str, key: str, decision: Decision) -> bytes:
-        """The framed reply for ``decision``, kept in the memo for (``name``, ``key``)."""
+        """The framed reply for ``decision``, kept by the cache for (``name``, its domain)."""
         if decision.defer:
             # Nothing was decided (a local shortage): Postfix asks again later, and so do we.
             return temp(f"{decision.domain}: {decision.defer}")
-        replies = self._replies.get(name)
-        memo = replies.get(key) if replies is not None else None
-        if memo is not None and memo[1] is decision:
-            # Asked again with DANE enabled (where the memo is read after the verdict).
-            return memo[2]
         payload = postfix.policy_reply(
             decision.policy, self._settings.profile(name), decision.domain, decision.policy_text
         )
@@ -149,25 +127,13 @@ class Responder:
             # is refused, and logged, again.
             log.error("%s: invalid reply from the responder (map %s): %s", _key(key), name, exc)
             return temp("internal error")
-        if replies is None and len(self._replies) >= MEMO_NAMES:
+        kept = self._names.get(name)
+        if kept is None and len(self._names) < MAP_NAMES:
+            kept = self._names[name] = name
+        if kept is not None:
             # Postfix uses a name or two; a client making names up gets answers, not memory.
-            return frame
-        if memo is None:
-            if self._memo_entries >= max(MEMO_SIZE, 2 * self.db.size):
-                # More entries than the cache has domains (across every map name a client
-                # made up): drop the stale ones.
-                self._forget_replies()
-                replies = None
-            if replies is None:
-                replies = self._replies[name] = {}
-            self._memo_entries += 1
-        assert replies is not None
-        replies[key] = (decision.domain, decision, frame)
+            self.db.remember(decision, kept, frame)
         return frame
-
-    def _forget_replies(self) -> None:
-        self._replies.clear()
-        self._memo_entries = 0
 
 
 def _dane_reply(verdict: DaneResult) -> bytes | None:

@@ -431,12 +431,10 @@ def test_keep_in_memory(valid_until: float, last_used: float, now: float, kept: 
 
 
 def test_maintenance_refreshes_only_policies_in_force_that_are_due() -> None:
-    with_policy = Decision(D, policy_text(), "1", T0 + MAX_AGE)
-    without = Decision(D)
-    assert cache_rules.check_due(with_policy, T0 + MAX_AGE, T0 + 300, T0 + 300)
-    assert not cache_rules.check_due(with_policy, T0 + MAX_AGE, T0 + 300, T0 + 299)
-    assert not cache_rules.check_due(with_policy, T0 + 100, T0 + 50, T0 + 100)
-    assert not cache_rules.check_due(without, T0 + 100, T0 + 50, T0 + 60)
+    assert cache_rules.check_due(True, T0 + MAX_AGE, T0 + 300, T0 + 300)
+    assert not cache_rules.check_due(True, T0 + MAX_AGE, T0 + 300, T0 + 299)
+    assert not cache_rules.check_due(True, T0 + 100, T0 + 50, T0 + 100)
+    assert not cache_rules.check_due(False, T0 + 100, T0 + 50, T0 + 60)
 
 
 def test_purge_horizons_unused_after_and_negative_memories() -> None:
@@ -503,3 +501,32 @@ def test_the_life_of_a_policy_is_extended_only_by_a_fetch(
     entry = result.entry
     if entry.expires_at is not None and entry.expires_at != T0 + MAX_AGE:
         assert entry.fetched_at == now and entry.expires_at == now + MAX_AGE
+
+
+# What memory answers, read back from the store once only the replies are held.
+
+
+def test_held_decision_reads_back_the_policy_memory_answers() -> None:
+    entry = stored()
+    decision = cache_rules.held_decision(D, entry, True, T0 + MAX_AGE)
+    assert decision == Decision(D, entry.policy_text, "1", T0 + MAX_AGE)
+    assert decision is not None and decision.policy is not None
+    assert decision.policy.mode is Mode.ENFORCE
+
+
+@pytest.mark.parametrize(
+    ("why", "entry"),
+    [
+        ("another fetch since (another daemon)", stored(at=T0 + 10)),
+        ("no policy any more", no_record_entry()),
+    ],
+)
+def test_held_decision_is_none_when_the_store_holds_another_policy(why: str, entry: Entry) -> None:
+    assert cache_rules.held_decision(D, entry, True, T0 + MAX_AGE) is None, why
+
+
+def test_held_decision_without_a_policy_is_the_entrys_without_one() -> None:
+    decision = cache_rules.held_decision(D, no_record_entry(), False, T0 + S.no_record_ttl)
+    assert decision is not None
+    assert decision.policy is None
+    assert decision.error == no_record_entry().last_error

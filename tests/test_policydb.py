@@ -1248,3 +1248,88 @@ def test_a_store_that_cannot_be_read_defers_what_the_network_cannot_settle(
         assert "the cache cannot be read" in unknown.defer
 
     run(db, scenario)
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: once the responder keeps its reply, the decision is not held; the store has it.
+
+
+def test_a_kept_reply_stands_for_the_decision_which_is_read_back_from_the_store(
+    bed: Bed, make_db: MakeDB, clock: FakeClock
+) -> None:
+    site = publish(bed, "keptreply")
+    db = make_db()
+
+    async def scenario() -> None:
+        first = await answered_later(db, site.domain)
+        db.remember(first, "postfix", b"kept")
+        assert db.recall("postfix", site.domain) == b"kept"
+        assert db.recall("other", site.domain) is None
+        # A second map name needs the decision: read back from the store, not the network.
+        again = await answered_later(db, site.domain)
+        assert again == first
+        db.remember(again, "other", b"other")
+        assert db.recall("other", site.domain) == b"other"
+        assert db.recall("postfix", site.domain) == b"kept"
+        # New profiles (a reload) drop every reply; the decision is read back again.
+        db.forget_replies()
+        assert db.recall("postfix", site.domain) is None
+        assert await answered_later(db, site.domain) == first
+        db.remember(first, "postfix", b"kept")
+        assert site.gets == 1
+        # A new id: the reply kept for the old policy is never given for the new one.
+        site.set_record("2")
+        site.serve(mx=("mx2.example.net",))
+        clock.advance(TXT_CHECK + 1)
+        assert db.recall("postfix", site.domain) == b"kept"  # answered while it is checked
+        await settle(db)
+        assert site.gets == 2
+        assert db.recall("postfix", site.domain) is None
+        decision = answered_at_once(db, site.domain)
+        assert decision.record_id == "2"
+        assert "mx2.example.net" in reply(decision)
+
+    run(db, scenario)
+
+
+def test_a_reply_for_a_policy_the_store_lost_holds_until_expiry_and_nothing_downgrades_it(
+    bed: Bed, make_db: MakeDB, clock: FakeClock
+) -> None:
+    # Only the reply is held, the store lost the entry and DNS fails: the policy is still
+    # applied until it expires (§5), and what cannot be read back is deferred, never "no policy".
+    site = publish(bed, "keptlost")
+    db = make_db()
+
+    async def scenario() -> None:
+        first = await answered_later(db, site.domain)
+        db.remember(first, "postfix", b"kept")
+        db.store.purge_unused(math.inf)
+        db.resolver = Resolver([bed.dead_nameserver], timeout=0.3)
+        clock.advance(TXT_CHECK + 1)
+        assert db.recall("postfix", site.domain) == b"kept"
+        await settle(db)
+        assert db.recall("postfix", site.domain) == b"kept"
+        other = await ask(db, site.domain)
+        assert other.defer, other
+        assert other.policy is None
+        clock.now = START + 86400 + 1
+        assert db.recall("postfix", site.domain) is None
+        assert (await ask(db, site.domain)).policy is None
+
+    run(db, scenario)
+
+
+def test_a_reply_is_only_kept_for_the_decision_in_force(bed: Bed, make_db: MakeDB) -> None:
+    site = publish(bed, "keptstale")
+    db = make_db()
+
+    async def scenario() -> None:
+        first = await answered_later(db, site.domain)
+        db.remember(Decision(site.domain, error="lookup still running"), "postfix", b"NOTFOUND")
+        db.remember(Decision(site.domain, error="x", defer="x"), "postfix", b"TEMP")
+        db.remember(Decision("elsewhere.example", first.policy_text), "postfix", b"other")
+        assert db.recall("postfix", site.domain) is None
+        assert db.recall("postfix", "elsewhere.example") is None
+        assert answered_at_once(db, site.domain) is first
+
+    run(db, scenario)

@@ -334,10 +334,17 @@ class Decisions:
 
     def __init__(self, *decisions: Decision) -> None:
         self.decisions = {decision.domain: decision for decision in decisions}
+        self.kept: dict[tuple[str, str], bytes] = {}
         self.size = len(self.decisions)
 
     def lookup(self, domain: str) -> Decision:
         return self.decisions[domain]
+
+    def recall(self, name: str, domain: str) -> bytes | None:
+        return self.kept.get((name, domain))
+
+    def remember(self, decision: Decision, name: str, reply: bytes) -> None:
+        self.kept[(name, decision.domain)] = reply
 
 
 @aio
