@@ -80,7 +80,7 @@ MAX_NETWORK_TIMEOUT = 300.0
 # of the cache (a check, a refresh, a remembered absence, a retry) need not be longer either.
 MAX_CACHE_INTERVAL = 31557600.0
 # Ten years without a use: past that an entry is history, not cache, and a longer bound would let
-# the store keep every domain ever asked for (about 2 KB each, issue 10) for good.
+# the store keep every domain ever asked for for good.
 MAX_UNUSED_AFTER = 10 * MAX_CACHE_INTERVAL
 # Each connection is a file descriptor and buffers; a Postfix runs at most default_process_limit
 # (100) smtp processes, each with one connection, so 100000 leaves room for a fleet behind one port.
@@ -88,8 +88,9 @@ MAX_CONNECTIONS = 100000
 # Each running lookup holds sockets (DNS, HTTPS) and a worker; beyond 10000 the daemon would run
 # out of file descriptors (issue 10: local exhaustion must never become a verdict on a domain).
 MAX_LOOKUPS = 10000
-# About 2 KB of memory per domain held (issue 10): 10 million is some 20 GB. Below 1000 the memory
-# front would keep reading a small site's everyday domains back from the store.
+# Ten million domains held take gigabytes of memory (benchmarks/README.md gives the cost of one).
+# Below 1000 the memory front would keep reading a small site's everyday domains back from the
+# store.
 MIN_MEMORY_DOMAINS = 1000
 MAX_MEMORY_DOMAINS = 10000000
 

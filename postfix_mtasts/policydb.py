@@ -285,7 +285,11 @@ class PolicyDB:
         if now >= slot.valid_until:
             return None
         self.hits += 1
-        slot.last_used = self._used(now)
+        # _used(), written out: this runs once per request.
+        used = self._used_at
+        if now - used >= USED_PRECISION or now < used:
+            used = self._used_at = now
+        slot.last_used = used
         if now >= slot.check_after and domain not in self._lookups:
             self._start(domain, slot)
         return reply
