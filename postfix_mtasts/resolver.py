@@ -219,7 +219,7 @@ class Resolver:
         self._resolver.cache = None
         # The same settings for the asyncio loop (the daemon's TXT and A queries), built when
         # first used.
-        self._async: Any = None  # dns.asyncresolver.Resolver
+        self._async: tuple[Any, Any] | None = None  # dns.asyncresolver.Resolver, its backend
         self.timeout = timeout
         self.lifetime = lifetime
         # DNSSEC queries (DANE): same servers and limits, with the DO bit and the AD flag set so
@@ -450,8 +450,13 @@ class Resolver:
         deadline = time.monotonic() + self.lifetime
         for _ in range(_MAX_CNAME_QUERIES):
             try:
-                answer = await self._async_resolver().resolve(
-                    qname, rdtype, search=False, lifetime=self._left(deadline, question)
+                resolver, backend = self._async_resolver()
+                answer = await resolver.resolve(
+                    qname,
+                    rdtype,
+                    search=False,
+                    lifetime=self._left(deadline, question),
+                    backend=backend,
                 )
             except Exception as exc:
                 qname = self._next_name(exc, question, qname, name, rdtype)
@@ -459,13 +464,16 @@ class Resolver:
             return self._rrset(answer, question, rdtype)
         raise DNSTemporaryError(f"{question}: CNAME chain longer than {_MAX_CNAME_QUERIES} queries")
 
-    def _async_resolver(self) -> Any:  # dns.asyncresolver.Resolver
-        """dnspython's asyncio resolver with our settings."""
+    def _async_resolver(self) -> tuple[Any, Any]:  # dns.asyncresolver.Resolver, its backend
+        """dnspython's asyncio resolver with our settings, and the backend it asks through."""
         if self._async is None:
-            # Imported here: the command-line tool never needs it, and it costs start-up time.
+            # Imported here: the command-line tool never needs them, and they cost start-up time.
             import dns.asyncresolver
 
-            self._async = self._like_ours(dns.asyncresolver.Resolver(configure=False))
+            from postfix_mtasts.dns_backend import LoopBackend
+
+            resolver = self._like_ours(dns.asyncresolver.Resolver(configure=False))
+            self._async = (resolver, LoopBackend())
         return self._async
 
     def _like_ours(self, resolver: _R) -> _R:

@@ -289,6 +289,8 @@ class ScriptedNameserver:
     def __init__(self, script: Script) -> None:
         self.script = script
         self.queries: list[str] = []
+        # The address the last query came from.
+        self.client: tuple[str, int] = ("", 0)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.settimeout(0.1)
@@ -305,6 +307,7 @@ class ScriptedNameserver:
                 continue
             except OSError:
                 return
+            self.client = client
             query = dns.message.from_wire(wire)
             assert isinstance(query, dns.message.QueryMessage)
             self.queries.append(
@@ -380,6 +383,32 @@ def test_reply_to_another_question_is_not_taken(
     resolver = Resolver([scripted(script).address], timeout=0.3, lifetime=0.6)
     with pytest.raises(DNSTemporaryError, match=r"^_mta-sts\.example\.org TXT: timed out"):
         txt(resolver, "_mta-sts.example.org")
+
+
+def test_a_forged_reply_from_another_port_is_not_taken(
+    scripted: Callable[[Script], ScriptedNameserver], txt: TXTQuery
+) -> None:
+    # An attacker who guessed the query id and the client's port answers first, but from another
+    # port than the nameserver's: the answer taken is the nameserver's (RFC 5452 §9.1).
+    forger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    forger.bind(("127.0.0.1", 0))
+    servers: list[ScriptedNameserver] = []
+
+    def script(query: dns.message.QueryMessage) -> dns.message.Message:
+        forged = _reply(query)
+        forged.answer.append(_rrset("_mta-sts.example.org.", "TXT", '"v=STSv1; id=forged;"'))
+        forger.sendto(forged.to_wire(), servers[0].client)
+        time.sleep(0.05)
+        real = _reply(query)
+        real.answer.append(_rrset("_mta-sts.example.org.", "TXT", '"v=STSv1; id=real;"'))
+        return real
+
+    servers.append(scripted(script))
+    try:
+        resolver = Resolver([servers[0].address], timeout=1.0)
+        assert txt(resolver, "_mta-sts.example.org") == ["v=STSv1; id=real;"]
+    finally:
+        forger.close()
 
 
 def test_cname_leaving_the_answer_is_followed_by_a_new_query(
