@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from postfix_mtasts import mtasts
 from postfix_mtasts.config import CacheConfig
@@ -78,8 +78,10 @@ class Decision:
     ``defer`` is set (to the reason) when nothing could be decided for a local reason, such as
     too many lookups at once or no file descriptor left: Postfix is to try again later.
 
-    Only the policy text is held (it is needed for TLSRPT anyway); ``policy`` parses it, and only
-    texts that parsed when they were cached are ever held here.
+    ``policy`` is parsed from the policy text (needed for TLSRPT anyway) when it is read, unless
+    the decision was made with the policy at hand (``parsed``: not part of its value); only texts
+    that parsed when they were cached are ever held here. Memory keeps a decision only until the
+    replies built from it are kept instead.
     """
 
     domain: str
@@ -89,11 +91,14 @@ class Decision:
     error: str = ""
     failure: str = ""
     defer: str = ""
+    parsed: Policy | None = field(default=None, compare=False, repr=False)
 
     @property
     def policy(self) -> Policy | None:
         if self.policy_text is None:
             return None
+        if self.parsed is not None:
+            return self.parsed
         return _parsed(self.policy_text, self.domain)
 
 
@@ -157,7 +162,7 @@ def unexpired(decision: Decision, now: float) -> Decision:
     """``decision`` without its policy once that policy expired: never used after (§5)."""
     if decision.policy_text is None or decision.expires_at is None or decision.expires_at > now:
         return decision
-    return replace(decision, policy_text=None, expires_at=None, error="expired")
+    return replace(decision, policy_text=None, expires_at=None, error="expired", parsed=None)
 
 
 def expire(outcome: Outcome, now: float) -> Outcome:
@@ -190,6 +195,7 @@ def _decision(domain: str, entry: Entry, policy: Policy | None, failure: str = "
         expires_at=entry.expires_at if policy is not None else None,
         error=entry.last_error,
         failure=failure,
+        parsed=policy,
     )
 
 

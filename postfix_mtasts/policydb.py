@@ -342,6 +342,11 @@ class PolicyDB:
         loop = asyncio.get_running_loop()
         deadline = self.settings.first_lookup_deadline
         recover = functools.partial(self._recover, domain, slot.policy, slot.valid_until)
+        if self.store.instant:
+            decision = recover()
+            if decision is not None:
+                return cache_rules.unexpired(decision, self._clock())
+            return await self._ask(domain, self._slots.get(domain))
         try:
             decision = await asyncio.wait_for(
                 loop.run_in_executor(self._store_pool, recover), deadline
@@ -460,9 +465,12 @@ class PolicyDB:
         """
         loop = asyncio.get_running_loop()
         unsaved = self._unsaved.get(domain)
-        plan = await loop.run_in_executor(
-            self._store_pool, self._consult, domain, current, unsaved, held
-        )
+        if self.store.instant:
+            plan = self._consult(domain, current, unsaved, held)
+        else:
+            plan = await loop.run_in_executor(
+                self._store_pool, self._consult, domain, current, unsaved, held
+            )
         if isinstance(plan, Answer):
             return _Result(plan, unsaved is None)
         # A check behind an answer in force waits as long as it takes; a lookup someone waits

@@ -74,7 +74,12 @@ def check_entry(entry: Entry, where: str) -> None:
 
 
 class Store(Protocol):
-    """The interface every backend provides. All methods are safe to call from several threads."""
+    """The interface every backend provides. All methods are safe to call from several threads.
+
+    ``instant``: reading never waits for I/O (the memory store), so the cache reads it on its
+    event loop rather than handing each read to a thread."""
+
+    instant: bool
 
     def get(self, domain: str) -> Entry | None:
         """The entry for `domain`, or None."""

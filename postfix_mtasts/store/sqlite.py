@@ -93,6 +93,9 @@ _UPSERT = (
 
 
 class SqliteStore:
+    # A read may wait for the disk or for another process's lock.
+    instant = False
+
     """The cache file at ``path``, opened for reading and writing when it can be, else for reading
     only (``read_only``): a read-only directory or file system, or a full disk, still gives the
     daemon every policy the file holds. A read-only store tries to become writable again at most
