@@ -267,6 +267,10 @@ _PRELOAD = (
     "encodings.ascii",
     "encodings.idna",
     "encodings.latin_1",
+    # The daemon's DNS on its event loop: dnspython's asyncio resolver, asking through our backend.
+    "dns.asyncquery",
+    "dns.asyncresolver",
+    "postfix_mtasts.dns_backend",
     "dns.rdtypes.IN.A",
     "dns.rdtypes.IN.AAAA",
     "dns.rdtypes.ANY.CNAME",
