@@ -35,6 +35,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import NamedTuple
 
 from postfix_mtasts import cache_rules, mtasts
@@ -437,16 +438,19 @@ class PolicyDB:
             self._unsaved.pop(domain, None)
         else:
             self._unsaved[domain] = found.entry
+        # Memory holds the decision without the parsed policy that came with it (the askers of
+        # this lookup build their replies from that); it is parsed again if it is needed again.
+        decision = found.decision
+        if decision.parsed is not None:
+            decision = replace(decision, parsed=None)
         slot = self._slots.get(domain)
         if slot is None:
             if len(self._slots) >= self.settings.memory_domains:
                 self._shrink()
-            slot = _Slot(
-                found.decision, found.valid_until, found.check_after, found.entry.last_used
-            )
+            slot = _Slot(decision, found.valid_until, found.check_after, found.entry.last_used)
             self._slots[domain] = slot
         else:
-            slot.update(found.decision, found.valid_until, found.check_after)
+            slot.update(decision, found.valid_until, found.check_after)
         if isinstance(found, Answer) and found.check and domain not in self._lookups:
             # Answered from the store while its check is due: make the check now, behind it.
             self._start(domain, slot)
