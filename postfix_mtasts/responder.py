@@ -116,7 +116,7 @@ class Responder:
         """The framed reply for ``decision``, kept by the cache for (``name``, its domain)."""
         if decision.defer:
             # Nothing was decided (a local shortage): Postfix asks again later, and so do we.
-            return temp(f"{decision.domain}: {decision.defer}")
+            return encode_reply(postfix.temp(f"{decision.domain}: {decision.defer}"))
         payload = postfix.policy_reply(
             decision.policy, self._settings.profile(name), decision.domain, decision.policy_text
         )
