@@ -17,7 +17,7 @@ import os
 import pwd
 import socket
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -380,29 +380,29 @@ def _bind_unix(listener: UnixListener, backlog: int) -> Bound:
 
 
 def _user_id(listener: UnixListener, owner: str | int | None) -> int:
-    if owner is None:
-        return -1
-    if isinstance(owner, int):
-        return owner
-    if owner.isdigit():
-        return int(owner)
-    try:
-        return pwd.getpwnam(owner).pw_uid
-    except KeyError:
-        raise ListenerError(f"listener {listener.spec!r}: unknown socket owner {owner!r}") from None
+    return _numeric_id(listener, owner, "owner", lambda name: pwd.getpwnam(name).pw_uid)
 
 
 def _group_id(listener: UnixListener, group: str | int | None) -> int:
-    if group is None:
+    return _numeric_id(listener, group, "group", lambda name: grp.getgrnam(name).gr_gid)
+
+
+def _numeric_id(
+    listener: UnixListener, value: str | int | None, what: str, by_name: Callable[[str], int]
+) -> int:
+    """The uid or gid for a socket's ``owner`` or ``group`` (a name or a number); -1 for none,
+    which leaves it as it is (os.chown)."""
+    if value is None:
         return -1
-    if isinstance(group, int):
-        return group
-    if group.isdigit():
-        return int(group)
+    if isinstance(value, int):
+        return value
+    if value.isdigit():
+        return int(value)
     try:
-        return grp.getgrnam(group).gr_gid
+        return by_name(value)
     except KeyError:
-        raise ListenerError(f"listener {listener.spec!r}: unknown socket group {group!r}") from None
+        unknown = f"listener {listener.spec!r}: unknown socket {what} {value!r}"
+        raise ListenerError(unknown) from None
 
 
 def _remove_stale_socket(listener: UnixListener) -> None:
