@@ -24,7 +24,7 @@ import ssl
 import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging.handlers import SysLogHandler
 from typing import Literal, NoReturn, TypeVar, get_args
 from urllib.parse import urlsplit
@@ -52,7 +52,7 @@ __all__ = [
 DEFAULT_PATH = "/etc/postfix-mtasts/config.toml"
 
 Testing = Literal["notfound", "may", "secure"]
-Backend = Literal["sqlite", "memory"]
+Backend = Literal["sqlite", "memory", "redis", "postgresql"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 # The longest line read. tomllib reads a dotted key of n parts in time quadratic in n (it
@@ -92,6 +92,16 @@ MAX_LOOKUPS = 10000
 # Below 1000 the memory front would keep reading a small site's everyday domains back from the
 # store.
 MIN_MEMORY_DOMAINS = 1000
+# A store operation that takes longer than this is as good as failed: the cache is off the hot
+# path, and a lookup waits for it.
+MAX_STORE_TIMEOUT = 30.0
+_PREFIX = re.compile(r"[!-~]{1,64}")
+_TABLE = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+# The URL schemes of each shared backend.
+_STORE_SCHEMES = {
+    "redis": ("redis", "rediss", "unix"),
+    "postgresql": ("postgresql", "postgres"),
+}
 MAX_MEMORY_DOMAINS = 10000000
 
 
@@ -168,6 +178,12 @@ class CacheConfig:
     # The most policy domains held in memory: beyond it, domains without a policy are dropped
     # first, then the least recently used, which are read back from the store when asked again.
     memory_domains: int = 200000
+    # The Redis or PostgreSQL server (backend "redis" or "postgresql"), the Redis key prefix and
+    # the PostgreSQL table, and the bound on every operation on them, connecting included.
+    url: str = ""
+    prefix: str = "postfix-mtasts:"
+    table: str = "postfix_mtasts_cache"
+    timeout: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -361,6 +377,24 @@ def _parse(top: _Table, daemon_files: bool = True) -> Config:
     )
     if cache.backend == "sqlite" and daemon_files:
         _check_cache_file(t, "path", cache.path)
+    cache = replace(
+        cache,
+        url=_store_url(t, cache.backend, c.url),
+        prefix=t.string("prefix", c.prefix),
+        table=t.string("table", c.table),
+        timeout=t.seconds("timeout", c.timeout, at_most=MAX_STORE_TIMEOUT),
+    )
+    if not _PREFIX.fullmatch(cache.prefix):
+        t.fail(
+            "prefix",
+            f"expected 1 to 64 printable characters without spaces, got {_show(cache.prefix)}",
+        )
+    if not _TABLE.fullmatch(cache.table):
+        t.fail(
+            "table",
+            "expected a PostgreSQL name of lowercase letters, digits and '_' (at most 48,"
+            f" not starting with a digit), got {_show(cache.table)}",
+        )
     t.close()
 
     t = top.table("policy")
@@ -467,6 +501,40 @@ def _check_ca_file(t: _Table, key: str, path: str) -> None:
     else:
         found = f"its certificates cannot be loaded ({reason})"
     t.fail(key, f"{shown}: {found}; {expected}")
+
+
+def _store_url(t: _Table, backend: str, default: str) -> str:
+    """``cache.url``: required by the shared backends, with a scheme of theirs; a PostgreSQL
+    connection string (``host=/run/postgresql dbname=mail``) is taken as it is. Messages show it
+    without its password."""
+    from postfix_mtasts.store import redact_url
+
+    value = t.string("url", default)
+    schemes = _STORE_SCHEMES.get(backend)
+    if schemes is None:
+        return value
+    if not value:
+        t.fail("url", f'backend = "{backend}" needs the server\'s URL, e.g. {schemes[0]}://HOST')
+    if backend == "postgresql" and "://" not in value:
+        if "=" not in value:
+            t.fail("url", "expected postgresql://USER@HOST:PORT/DBNAME or 'host=... dbname=...'")
+        return value
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError as exc:
+        t.fail("url", f"{_show(redact_url(value))}: {exc}")
+    if url.scheme not in schemes:
+        t.fail(
+            "url",
+            f"expected a {' or '.join(s + '://' for s in schemes)} URL for backend"
+            f' "{backend}", got {_show(redact_url(value))}',
+        )
+    if url.scheme == "unix" and not url.path:
+        t.fail("url", "a unix:// URL names the socket's path: unix:///run/redis/redis.sock?db=0")
+    if url.scheme != "unix" and not url.hostname and backend == "redis":
+        t.fail("url", f"no host in {_show(redact_url(value))}")
+    return value
 
 
 def _check_cache_file(t: _Table, key: str, path: str) -> None:
@@ -747,6 +815,11 @@ def dump(config: Config) -> str:
         for key, value in vars(section).items():
             if key == "socket_mode":
                 value = f"{value:04o}"
+            elif key == "url" and header == "cache":
+                from postfix_mtasts.store import redact_url
+
+                # A password never leaves the file it was written in.
+                value = redact_url(value)
             lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 

@@ -1,5 +1,6 @@
 """Shared fixtures. ``bed``: the real DNS and HTTPS servers of tests/bed.py, once per session;
-``hostile_dns``: a DNS server in front of them that an attacker controls."""
+``hostile_dns``: a DNS server in front of them that an attacker controls; ``redis_server`` and
+``postgres_server``: the shared caches' servers of tests/dbservers.py, once per session."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 pytest.register_assert_rewrite("mtasts_daemon")
 
 from bed import Bed, BedError  # noqa: E402
+from dbservers import PostgresServer, RedisServer, ServerError  # noqa: E402
 from hostile_dns import HostileDNS  # noqa: E402
 
 
@@ -40,3 +42,31 @@ def hostile_dns(bed: Bed) -> Iterator[HostileDNS]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """Debian's redis-server on loopback, in a temporary directory (a failure, never a skip)."""
+    try:
+        server = RedisServer()
+        server.start()
+    except ServerError as exc:
+        pytest.fail(f"redis-server did not start: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of its own on loopback (a failure, never a skip)."""
+    try:
+        server = PostgresServer()
+        server.start()
+    except ServerError as exc:
+        pytest.fail(f"PostgreSQL did not start: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.cleanup()

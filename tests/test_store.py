@@ -20,14 +20,17 @@ from typing import Any
 
 import pytest
 from cachefiles import damaged_cache
+from storekit import BACKENDS, SHARED, opener
 
 from postfix_mtasts.store import (
+    ALL,
     MAX_POLICY_TEXT,
     CorruptStoreError,
     Entry,
     ForeignFileError,
     Store,
     StoreError,
+    Watcher,
     open_store,
 )
 from postfix_mtasts.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, move_aside
@@ -57,11 +60,21 @@ def cache_path(tmp_path: Path) -> str:
     return str(tmp_path / "state" / "postfix-mtasts" / "cache.sqlite")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, cache_path: str) -> Iterator[Store]:
-    opened = open_store(request.param, cache_path)
-    yield opened
-    opened.close()
+@pytest.fixture(params=BACKENDS)
+def open_any(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens stores of one backend (every backend in turn) on this test's own namespace."""
+    yield from opener(request, request.param, tmp_path)
+
+
+@pytest.fixture(params=SHARED)
+def open_shared(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """As ``open_any``, for the backends that other processes share."""
+    yield from opener(request, request.param, tmp_path)
+
+
+@pytest.fixture
+def store(open_any: Opener) -> Store:
+    return open_any()
 
 
 @pytest.fixture
@@ -182,6 +195,120 @@ def test_threads_share_one_store(store: Store) -> None:
 def test_open_store_rejects_an_unknown_backend(cache_path: str) -> None:
     with pytest.raises(ValueError, match="mysql"):
         open_store("mysql", cache_path)
+
+
+# --- every backend: what the cache commands and a fleet use ---------------------------------------
+
+
+def test_delete_removes_the_entries_named_and_counts_them(store: Store) -> None:
+    for domain in ("a.example", "b.example", "c.example"):
+        store.put(entry(domain))
+    assert store.delete(["a.example", "c.example", "unknown.example", "a.example"]) == 2
+    assert [store.get(d) for d in ("a.example", "b.example", "c.example")] == [
+        None,
+        entry("b.example"),
+        None,
+    ]
+    assert store.delete([]) == 0
+
+
+def test_entries_gives_every_entry_in_domain_order(store: Store) -> None:
+    domains = [f"d{n:04d}.example" for n in range(1200)]
+    for n, domain in enumerate(reversed(domains)):
+        store.put(entry(domain, policy_text=None if n % 3 else POLICY, last_used=float(n)))
+    listed = list(store.entries())
+    assert [e.domain for e in listed] == domains
+    assert listed[0] == store.get(domains[0])
+    assert list(open_store("memory", "").entries()) == []
+
+
+def test_a_lease_has_one_holder_until_released_or_expired(store: Store) -> None:
+    assert store.lease("a.example", "daemon-1", 30.0)
+    assert not store.lease("a.example", "daemon-2", 30.0)
+    # Its holder renews it; a lease on another domain is another lease.
+    assert store.lease("a.example", "daemon-1", 30.0)
+    assert store.lease("b.example", "daemon-2", 30.0)
+    # Only the holder gives it up.
+    store.release("a.example", "daemon-2")
+    assert not store.lease("a.example", "daemon-2", 30.0)
+    store.release("a.example", "daemon-1")
+    assert store.lease("a.example", "daemon-2", 30.0)
+    # A holder that never comes back blocks nobody for longer than its lease.
+    assert store.lease("c.example", "crashed", 0.3)
+    assert not store.lease("c.example", "daemon-1", 30.0)
+    time.sleep(0.5)
+    assert store.lease("c.example", "daemon-1", 30.0)
+
+
+def test_a_closed_store_refuses_the_fleet_operations(store: Store) -> None:
+    store.close()
+    for call in (
+        lambda: store.delete(["example.com"]),
+        lambda: list(store.entries()),
+        lambda: store.lease("example.com", "me", 1.0),
+    ):
+        with pytest.raises(StoreError, match="closed"):
+            call()
+
+
+def test_stores_on_one_namespace_share_entries_and_leases(open_shared: Opener) -> None:
+    first, second = open_shared(), open_shared()
+    assert first.shared and second.shared
+    first.put(entry("a.example"))
+    assert second.get("a.example") == entry("a.example")
+    assert first.lease("a.example", "daemon-1", 30.0)
+    assert not second.lease("a.example", "daemon-2", 30.0)
+    assert second.delete(["a.example"]) == 1
+    assert first.get("a.example") is None
+
+
+def _changes(watcher: Watcher, wanted: set[str], within: float) -> tuple[set[str], float]:
+    """What ``watcher`` reports until ``wanted`` is among it or ``within`` seconds passed, and
+    when the last of it came (seconds after the call)."""
+    started = time.monotonic()
+    seen: set[str] = set()
+    while not wanted <= seen and time.monotonic() - started < within:
+        got = watcher.wait(0.2)
+        assert got != ALL, "a watcher that never lost its connection reported ALL"
+        seen |= set(got)
+    return seen, time.monotonic() - started
+
+
+def test_a_watcher_hears_of_the_changes_other_users_make(open_shared: Opener) -> None:
+    writer, reader = open_shared(), open_shared()
+    writer.put(entry("before.example"))
+    watcher = reader.watch()
+    try:
+        # Changes made before the watcher existed are not news to it.
+        assert watcher.wait(0.3) == frozenset()
+        writer.put(entry("a.example"))
+        writer.put(entry("b.example"))
+        writer.delete(["before.example"])
+        seen, took = _changes(watcher, {"a.example", "b.example", "before.example"}, 5.0)
+        assert seen == {"a.example", "b.example", "before.example"}
+        assert took < 2.0
+        # The reader's own changes are not reported back to it.
+        reader.put(entry("own.example"))
+        reader.delete(["a.example"])
+        writer.put(entry("c.example"))
+        seen, _ = _changes(watcher, {"c.example"}, 5.0)
+        assert seen == {"c.example"}
+    finally:
+        watcher.close()
+        watcher.close()
+
+
+def test_a_watcher_of_a_busy_store_misses_nothing(open_shared: Opener) -> None:
+    writer, reader = open_shared(), open_shared()
+    watcher = reader.watch()
+    try:
+        domains = {f"d{n}.example" for n in range(500)}
+        for domain in sorted(domains):
+            writer.put(entry(domain))
+        seen, _ = _changes(watcher, domains, 10.0)
+        assert seen == domains
+    finally:
+        watcher.close()
 
 
 # --- SQLite: the file ----------------------------------------------------------------------------

@@ -7,30 +7,56 @@ lookups, never correctness; so every failure of a backend is a `StoreError` nami
 file or address and the cause, and the caller decides how to go on (log it, and answer from
 lookups or from a memory store).
 
-Backends: `memory` (a dict, for tests and `cache.backend = "memory"`) and `sqlite` (a file, the
-default). `open_store()` picks one by name.
+Backends: `memory` (a dict, for tests and `cache.backend = "memory"`), `sqlite` (a file, the
+default), and for a fleet of daemons sharing one cache `redis` (redis-py) and `postgresql`
+(psycopg 3), installed as extras. `open_store()` picks one by name.
+
+Sharing. Several daemons (processes, machines) may use one store. Three things serve them:
+
+- **Changes.** `put` and `delete` tell the store's other users which domains changed, through the
+  backend's own mechanism (PostgreSQL NOTIFY, Redis pub/sub, a change log read when SQLite's
+  `data_version` moves). A daemon reads them with a `Watcher` (`watch()`), in a thread of its own,
+  and reads the changed entries again. A store never reports its own changes to its own watcher
+  (they carry the store object's `origin`). When changes may have been lost (the watcher's
+  connection broke), `wait` returns `ALL`: every domain may have changed.
+- **Leases.** `lease(domain, holder, seconds)` lets one daemon of the fleet look a domain up while
+  the others wait for its result: it is taken when free or expired, renewed by its holder, and
+  expires by itself, so that a crashed holder blocks nobody for longer than `seconds`.
+- **Versions.** Each backend's schema (tables, key layout) carries a version. A store written by a
+  newer postfix-mtasts is refused with a `StoreError` saying so, never written to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Literal, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
+    "ALL",
+    "MAX_DOMAIN_NAMES",
     "MAX_POLICY_TEXT",
     "CorruptStoreError",
     "Entry",
     "ForeignFileError",
     "Store",
     "StoreError",
+    "Watcher",
     "open_store",
+    "redact_url",
 ]
 
 # The largest policy_text a store accepts and returns. A fetched policy is at most 64 KiB
 # (RFC 8461 §3.3, enforced by fetch.py), so this only bounds what a damaged or tampered file can
 # make the daemon read into memory.
 MAX_POLICY_TEXT = 65536
+# The longest domain name a store accepts in a change notification (a DNS name is at most 253
+# characters): what another process sends is bounded like any input.
+MAX_DOMAIN_NAMES = 1000
+# What `Watcher.wait` returns when changes may have been lost: re-read every domain.
+ALL: Final = "all"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +99,34 @@ def check_entry(entry: Entry, where: str) -> None:
         )
 
 
+class Watcher(Protocol):
+    """The changes other users of a store made, for one thread of one daemon."""
+
+    def wait(self, timeout: float) -> frozenset[str] | Literal["all"]:
+        """The domains whose entries other users changed (put or deleted) since the last call,
+        waiting up to ``timeout`` seconds for one; an empty set when none came; ``ALL`` when
+        changes may have been lost (the first call after a reconnection). Raises StoreError
+        when the store cannot be reached (the caller waits and calls again: the watcher
+        reconnects by itself)."""
+        ...
+
+    def close(self) -> None:
+        """Release the watcher's connection; closing twice is harmless."""
+        ...
+
+
 class Store(Protocol):
     """The interface every backend provides. All methods are safe to call from several threads.
 
     ``instant``: reading never waits for I/O (the memory store), so the cache reads it on its
-    event loop rather than handing each read to a thread."""
+    event loop rather than handing each read to a thread. ``shared``: other processes may use the
+    store too (leases and watching are worth their cost). ``where``: the store named for messages,
+    never with a password. ``origin``: this store object's mark on the changes it makes."""
 
     instant: bool
+    shared: bool
+    where: str
+    origin: str
 
     def get(self, domain: str) -> Entry | None:
         """The entry for `domain`, or None."""
@@ -97,7 +144,31 @@ class Store(Protocol):
 
     def purge_unused(self, before: float, without_policy_before: float | None = None) -> int:
         """Delete the entries last used before `before`, and those without a policy_text last
-        used before `without_policy_before`; return how many."""
+        used before `without_policy_before`; return how many. (Not announced to watchers: an
+        entry unused that long is held in no daemon's memory.)"""
+        ...
+
+    def delete(self, domains: Iterable[str]) -> int:
+        """Delete the entries of `domains` (those without one are skipped) and announce it to
+        the other users; return how many were deleted."""
+        ...
+
+    def entries(self) -> Iterator[Entry]:
+        """Every entry, ordered by domain (for the cache commands; not for the daemon's paths).
+        The store may be read in batches while it is iterated."""
+        ...
+
+    def lease(self, domain: str, holder: str, seconds: float) -> bool:
+        """Take the lease on `domain` for `holder` for `seconds`, when nobody else holds an
+        unexpired one; renew it when `holder` holds it. True when `holder` holds it now."""
+        ...
+
+    def release(self, domain: str, holder: str) -> None:
+        """Give up the lease on `domain` if `holder` holds it."""
+        ...
+
+    def watch(self) -> Watcher:
+        """A new watcher of the changes other users make (with a connection of its own)."""
         ...
 
     def close(self) -> None:
@@ -105,14 +176,47 @@ class Store(Protocol):
         ...
 
 
-def open_store(
-    backend: str, path: str, *, busy_timeout: float = 5.0, memory_entries: int | None = None
-) -> Store:
-    """Open the store named by `backend` ("sqlite" or "memory", as in `cache.backend`).
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for logs and messages. A
+    ``password=`` parameter (of a URL or of a ``key=value`` PostgreSQL connection string) is
+    masked as well."""
+    if "://" not in url:
+        return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that cannot be parsed)"
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hostport}"
+    query = "&".join(
+        f"{key}=***" if key.lower() == "password" else part
+        for part in parts.query.split("&")
+        if part
+        for key in (part.split("=", 1)[0],)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
-    `path` is the SQLite file (ignored by the memory store); `busy_timeout` is how long an
-    operation on a SQLite file locked by another process waits before it fails;
-    `memory_entries` bounds the memory store (None: no bound).
+
+def open_store(
+    backend: str,
+    path: str,
+    *,
+    busy_timeout: float = 5.0,
+    memory_entries: int | None = None,
+    url: str = "",
+    name: str = "",
+    timeout: float = 1.0,
+) -> Store:
+    """Open the store named by `backend` (as in `cache.backend`).
+
+    `path` is the SQLite file (ignored by the others); `busy_timeout` is how long an operation on
+    a SQLite file locked by another process waits before it fails; `memory_entries` bounds the
+    memory store (None: no bound). `url` names the Redis or PostgreSQL server, `name` the Redis
+    key prefix or the PostgreSQL table, and `timeout` bounds every operation on them (connecting
+    included).
     Raises StoreError (CorruptStoreError for a damaged cache, ForeignFileError for a file that is
     not a cache) when the store cannot be used.
     """
@@ -124,4 +228,12 @@ def open_store(
         from postfix_mtasts.store.sqlite import SqliteStore
 
         return SqliteStore(path, busy_timeout=busy_timeout)
+    if backend == "redis":
+        from postfix_mtasts.store.redis import RedisStore
+
+        return RedisStore(url, prefix=name, timeout=timeout)
+    if backend == "postgresql":
+        from postfix_mtasts.store.postgresql import PostgresStore
+
+        return PostgresStore(url, table=name, timeout=timeout)
     raise ValueError(f"unknown cache backend {backend!r}")

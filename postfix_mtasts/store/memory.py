@@ -9,21 +9,42 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
+from typing import Literal
 
 from postfix_mtasts.store import Entry, StoreError, check_entry
 
 __all__ = ["MemoryStore"]
 
 
+class _NoChanges:
+    """A memory store has no other users: nothing ever changes behind its back."""
+
+    def __init__(self) -> None:
+        self._closed = threading.Event()
+
+    def wait(self, timeout: float) -> frozenset[str] | Literal["all"]:
+        self._closed.wait(timeout)
+        return frozenset()
+
+    def close(self) -> None:
+        self._closed.set()
+
+
 class MemoryStore:
     # A dict behind a lock held for a dict operation: read on the event loop.
     instant = True
+    # Nobody else sees it.
+    shared = False
+    where = "memory store"
+    origin = "memory"
 
     def __init__(self, max_entries: int | None = None) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] | None = {}
+        self._leases: dict[str, tuple[str, float]] = {}
         self.max_entries = max_entries
 
     def _open(self) -> dict[str, Entry]:
@@ -75,6 +96,38 @@ class MemoryStore:
             for domain in unused:
                 del entries[domain]
             return len(unused)
+
+    def delete(self, domains: Iterable[str]) -> int:
+        with self._lock:
+            entries = self._open()
+            return sum(entries.pop(domain, None) is not None for domain in set(domains))
+
+    def entries(self) -> Iterator[Entry]:
+        with self._lock:
+            held = sorted(self._open().values(), key=lambda e: e.domain)
+        return iter(held)
+
+    def lease(self, domain: str, holder: str, seconds: float) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            self._open()
+            current = self._leases.get(domain)
+            if current is not None and current[0] != holder and current[1] > now:
+                return False
+            if len(self._leases) >= 10000:
+                # Expired leases are only ever read to be replaced: drop them at a bound.
+                self._leases = {d: h for d, h in self._leases.items() if h[1] > now}
+            self._leases[domain] = (holder, now + seconds)
+            return True
+
+    def release(self, domain: str, holder: str) -> None:
+        with self._lock:
+            current = self._leases.get(domain)
+            if current is not None and current[0] == holder:
+                del self._leases[domain]
+
+    def watch(self) -> _NoChanges:
+        return _NoChanges()
 
     def close(self) -> None:
         with self._lock:
