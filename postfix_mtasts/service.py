@@ -74,10 +74,16 @@ def make_store(settings: config.Config) -> Store:
 
     A file that is not a postfix-mtasts cache is a configuration error (``config.ConfigError``):
     it is neither used nor moved aside."""
-    backend, path = settings.cache.backend, settings.cache.path
-    bound = settings.cache.memory_domains
+    c = settings.cache
+    backend, path = c.backend, c.path
+    bound = c.memory_domains
+    shared = {
+        "url": c.url,
+        "name": c.table if backend == "postgresql" else c.prefix,
+        "timeout": c.timeout,
+    }
     try:
-        store = open_store(backend, path, memory_entries=bound)
+        store = open_store(backend, path, memory_entries=bound, **shared)
     except ForeignFileError as exc:
         raise config.ConfigError(f"cache.path: {exc}") from exc
     except CorruptStoreError as exc:
@@ -85,7 +91,7 @@ def make_store(settings: config.Config) -> Store:
         # every later restart is not memory-only too.
         try:
             aside = move_aside(path)
-            store = open_store(backend, path, memory_entries=bound)
+            store = open_store(backend, path, memory_entries=bound, **shared)
         except StoreError as again:
             log.error("cache is damaged (%s) and cannot be replaced (%s)", exc, again)
         else:
@@ -290,9 +296,21 @@ _PRELOAD = (
 )
 
 
-def _preload() -> None:
-    for name in _PRELOAD:
-        importlib.import_module(name)
+# The shared backends' modules, for the backend configured.
+_PRELOAD_BACKEND = {
+    "redis": ("postfix_mtasts.store.redis",),
+    "postgresql": ("postfix_mtasts.store.postgresql",),
+}
+
+
+def _preload(backend: str = "") -> None:
+    for name in _PRELOAD + _PRELOAD_BACKEND.get(backend, ()):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            if name in _PRELOAD:
+                raise
+            # The extra is not installed: opening the store says so, and caches in memory.
 
 
 class _PidFile:
@@ -347,7 +365,7 @@ def _daemon_context(
     owner: dict[str, int] = {}
     if becomes is not None:
         _hand_over_cache(becomes, settings)
-        _preload()
+        _preload(settings.cache.backend)
         # Not DaemonContext(initgroups=True): python-daemon then calls os.initgroups() instead
         # of os.setgid(), leaving the process in root's group. The supplementary groups are set
         # here, while root; the context sets the gid, then the uid.
@@ -466,8 +484,9 @@ class _Daemon:
             return
         setup_logging(new)
         old = self.settings
-        if (new.cache.backend, new.cache.path) != (old.cache.backend, old.cache.path):
-            log.warning("cache.backend and cache.path take effect at the next restart")
+        where = ("backend", "path", "url", "prefix", "table", "timeout")
+        if [getattr(new.cache, key) for key in where] != [getattr(old.cache, key) for key in where]:
+            log.warning("cache.%s take effect at the next restart", ", cache.".join(where))
         try:
             self.server.update_listeners(new_listeners)
         except ListenerError as exc:
