@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import grp
 import importlib
 import logging
@@ -34,10 +35,13 @@ from postfix_mtasts.server import Server
 from postfix_mtasts.store import (
     CorruptStoreError,
     ForeignFileError,
+    NewerSchemaError,
     Store,
     StoreError,
     open_store,
+    redact_url,
 )
+from postfix_mtasts.store.late import LateStore
 from postfix_mtasts.store.sqlite import SqliteStore, move_aside
 
 __all__ = ["run"]
@@ -69,6 +73,13 @@ def make_fetcher(settings: config.Config, resolver: Resolver) -> Fetcher:
     )
 
 
+def _shared_where(c: config.CacheConfig) -> str:
+    """A Redis or PostgreSQL store named as its backend names itself in messages."""
+    if c.backend == "postgresql":
+        return f"{redact_url(c.url)} table {c.table}"
+    return f"{redact_url(c.url)} prefix {c.prefix!r}"
+
+
 def make_store(settings: config.Config) -> Store:
     """The configured store; a memory store when it cannot be opened (lookups go on).
 
@@ -97,7 +108,18 @@ def make_store(settings: config.Config) -> Store:
         else:
             log.error("cache was damaged (%s); moved it to %s and started anew", exc, aside)
             return store
+    except NewerSchemaError as exc:
+        log.error("cannot use the cache (%s)", exc)
     except StoreError as exc:
+        if backend in ("redis", "postgresql"):
+            # The fleet's server may come back: try again, and meanwhile look up and keep what is
+            # learnt in memory, as during any outage of the store.
+            log.error("cannot open the cache (%s); trying again every few seconds", exc)
+            return LateStore(
+                functools.partial(open_store, backend, path, memory_entries=bound, **shared),
+                _shared_where(c),
+                str(exc),
+            )
         log.error("cannot open the cache (%s)", exc)
     else:
         if isinstance(store, SqliteStore) and store.read_only:

@@ -41,6 +41,7 @@ __all__ = [
     "CorruptStoreError",
     "Entry",
     "ForeignFileError",
+    "NewerSchemaError",
     "Store",
     "StoreError",
     "Watcher",
@@ -83,6 +84,11 @@ class StoreError(Exception):
 class CorruptStoreError(StoreError):
     """The store's file is ours (a postfix-mtasts cache) but damaged: reopening it will not help.
     Such a file may be moved aside and replaced by an empty cache."""
+
+
+class NewerSchemaError(StoreError):
+    """The store was written by a newer postfix-mtasts (a higher schema version than this one
+    knows): it is neither written to nor changed."""
 
 
 class ForeignFileError(StoreError):
