@@ -333,3 +333,35 @@ def test_a_store_that_stops_answering_holds_no_request_longer_than_its_bound(
         finally:
             server.resume()
         assert waited < 2 * 0.5 + 2.0, daemon.log()
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgresql"])
+def test_a_daemon_started_while_its_store_is_down_uses_it_once_it_is_up(
+    backend: str, request: pytest.FixtureRequest, bed: Bed, hostile_dns: HostileDNS, tmp_path: Path
+) -> None:
+    server: RedisServer | PostgresServer = request.getfixturevalue(SERVERS[backend])
+    settings = _cache_settings(backend, request, tmp_path)
+    site = Site(bed, "late")
+    server.stop()
+    try:
+        with running_daemon(
+            bed, tmp_path / "late", nameservers=[hostile_dns.address], settings={"cache": settings}
+        ) as daemon:
+            assert daemon.request(site.domain, timeout=15.0) == site.reply()
+            server.start()
+            store = _open(settings)
+            try:
+                # Written once the store answers (the next store call after 5 s, at the latest
+                # the next maintenance round); asked again to make a call happen.
+                def stored() -> bool:
+                    daemon.request(site.domain)
+                    daemon.request(Site(bed, "poke").domain, timeout=15.0)
+                    return store.get(site.domain) is not None
+
+                assert _eventually(stored, 20.0, step=1.0) is not None, daemon.log()
+            finally:
+                store.close()
+            assert "trying again every few seconds" in daemon.log_path.read_text()
+    finally:
+        if server.process is None:
+            server.start()
