@@ -115,15 +115,22 @@ if redis.call('STRLEN', KEYS[1]) > 20 then return false end
 return redis.call('GET', KEYS[1])
 """
 
-# KEYS: entry hash, index. ARGV: domain, byte limit of policy_text, byte limit of the others.
-# Returns {last_used, field values in _FIELDS order}, or false when absent or oversized.
+# KEYS: entry hash, index. ARGV: domain, MAX_POLICY_TEXT, byte limit of policy_text, byte limit
+# of the others. Returns {last_used, field values in _FIELDS order}, or false when absent or
+# oversized. A policy_text is counted in characters (the UTF-8 bytes that do not continue a
+# character) on the server, and only when its length in bytes leaves a doubt.
 _GET = f"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local fields = {{{", ".join(f"'{name}'" for name in _FIELDS)}}}
 for _, field in ipairs(fields) do
-  local limit = tonumber(ARGV[3])
-  if field == 'policy_text' then limit = tonumber(ARGV[2]) end
+  local limit = tonumber(ARGV[4])
+  if field == 'policy_text' then limit = tonumber(ARGV[3]) end
   if redis.call('HSTRLEN', KEYS[1], field) > limit then return false end
+end
+if redis.call('HSTRLEN', KEYS[1], 'policy_text') > tonumber(ARGV[2]) then
+  local text = redis.call('HGET', KEYS[1], 'policy_text')
+  local _, characters = string.gsub(text, '[^\\128-\\191]', '')
+  if characters > tonumber(ARGV[2]) then return false end
 end
 local used = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if used == false then return false end
@@ -371,7 +378,7 @@ class RedisStore:
         with self._doing(f"cannot read {domain}"):
             found = self._scripts["get"](
                 keys=[self._key(domain), self._index_key],
-                args=[domain, _MAX_POLICY_BYTES, _MAX_FIELD_BYTES],
+                args=[domain, MAX_POLICY_TEXT, _MAX_POLICY_BYTES, _MAX_FIELD_BYTES],
                 client=self._client,
             )
         return _entry(domain, found)
@@ -483,7 +490,7 @@ class RedisStore:
                 for domain in batch:
                     self._scripts["get"](
                         keys=[self._key(domain), self._index_key],
-                        args=[domain, _MAX_POLICY_BYTES, _MAX_FIELD_BYTES],
+                        args=[domain, MAX_POLICY_TEXT, _MAX_POLICY_BYTES, _MAX_FIELD_BYTES],
                         client=pipe,
                     )
                 found = pipe.execute()
