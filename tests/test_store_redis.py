@@ -518,3 +518,29 @@ def test_rediss_reaches_a_server_whose_ca_is_named_in_the_url(
     store = open_redis(opened, url, prefix)
     store.put(entry())
     assert store.get("example.com") == entry()
+
+
+def test_a_watcher_closed_while_another_thread_waits_ends_that_wait_quietly(
+    redis_server: RedisServer, opened: list[RedisStore], prefix: str
+) -> None:
+    store = open_redis(opened, redis_server.url, prefix)
+    watcher = store.watch()
+    outcome: list[object] = []
+
+    def wait() -> None:
+        try:
+            outcome.append(watcher.wait(3.0))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.3)
+    watcher.close()
+    thread.join(10)
+    assert outcome == [frozenset()]
+    with pytest.raises(StoreError, match="closed"):
+        watcher.wait(0.1)
+    store.close()
+    with pytest.raises(StoreError, match=r"cannot watch for changes: the store is closed"):
+        store.watch()

@@ -344,9 +344,10 @@ class RedisStore:
                 f" this version knows {SCHEMA_VERSION})"
             )
         if text != str(SCHEMA_VERSION):
+            held_text = repr(text) if text else "something else"
             raise StoreError(
                 f"{self.where}: not a postfix-mtasts cache: {self._schema_key} holds"
-                f" {text[:20]!r} where a cache schema version belongs; refusing to use it"
+                f" {held_text} where a cache schema version belongs; refusing to use it"
             )
 
     @contextmanager
@@ -446,9 +447,10 @@ class RedisStore:
     def delete(self, domains: Iterable[str]) -> int:
         unique = sorted(set(domains))
         deleted = 0
+        # One announcement per batch: at most MAX_DOMAIN_NAMES names each.
+        size = min(_BATCH, MAX_DOMAIN_NAMES)
         with self._doing(f"cannot delete {len(unique)} entries"):
-            # One announcement per batch: at most MAX_DOMAIN_NAMES names each.
-            for start in range(0, len(unique), min(_BATCH, MAX_DOMAIN_NAMES)):
+            for start in range(0, len(unique), size):
                 deleted += int(
                     self._scripts["delete"](
                         keys=[self._schema_key, self._index_key],
@@ -457,7 +459,7 @@ class RedisStore:
                             self.prefix,
                             self._channel,
                             self.origin,
-                            *unique[start : start + _BATCH],
+                            *unique[start : start + size],
                         ],
                         client=self._client,
                     )
@@ -520,8 +522,8 @@ class RedisStore:
     # -- changes ---------------------------------------------------------------------------------
 
     def watch(self) -> RedisWatcher:
-        with self._doing("cannot watch for changes"):
-            pass
+        if self._closed:
+            raise StoreError(f"{self.where}: cannot watch for changes: the store is closed")
         return RedisWatcher(self)
 
     def close(self) -> None:
@@ -596,6 +598,9 @@ class RedisWatcher:
             self._pubsub = None
             pubsub.close()
             self._pool.disconnect()
+            if self._closed:
+                # close() from another thread broke the connection: not a failure of the store.
+                return frozenset()
             raise
         return frozenset(changed)
 
