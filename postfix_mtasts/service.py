@@ -96,7 +96,9 @@ def make_store(settings: config.Config) -> Store:
     try:
         store = open_store(backend, path, memory_entries=bound, **shared)
     except ForeignFileError as exc:
-        raise config.ConfigError(f"cache.path: {exc}") from exc
+        if backend == "sqlite":
+            raise config.ConfigError(f"cache.path: {exc}") from exc
+        log.error("cannot use the cache (%s)", exc)
     except CorruptStoreError as exc:
         # A damaged file stays damaged: keep it for inspection and start an empty cache, so that
         # every later restart is not memory-only too.

@@ -92,8 +92,9 @@ class NewerSchemaError(StoreError):
 
 
 class ForeignFileError(StoreError):
-    """The file is not a postfix-mtasts cache (a text file, another program's database): it is
-    neither used nor moved, whatever state it is in."""
+    """The file (or the Redis prefix, the PostgreSQL table) is not a postfix-mtasts cache (a text
+    file, another program's database or keys): it is neither used nor moved, whatever state it is
+    in."""
 
 
 def check_entry(entry: Entry, where: str) -> None:

@@ -48,6 +48,8 @@ from postfix_mtasts.store import (
     MAX_DOMAIN_NAMES,
     MAX_POLICY_TEXT,
     Entry,
+    ForeignFileError,
+    NewerSchemaError,
     StoreError,
     check_entry,
     redact_url,
@@ -339,13 +341,13 @@ class RedisStore:
             )
         text = held.decode("ascii", "replace") if isinstance(held, bytes) else ""
         if text.isdigit() and int(text) > SCHEMA_VERSION:
-            raise StoreError(
+            raise NewerSchemaError(
                 f"{self.where}: written by a newer postfix-mtasts (cache schema {int(text)},"
                 f" this version knows {SCHEMA_VERSION})"
             )
         if text != str(SCHEMA_VERSION):
             held_text = repr(text) if text else "something else"
-            raise StoreError(
+            raise ForeignFileError(
                 f"{self.where}: not a postfix-mtasts cache: {self._schema_key} holds"
                 f" {held_text} where a cache schema version belongs; refusing to use it"
             )
