@@ -365,3 +365,20 @@ def test_without_psycopg_the_store_says_which_extra_to_install() -> None:
         "postgresql://u:***@h/db table postfix_mtasts_cache: cannot open: psycopg is not"
         " installed (pip install 'postfix-mtasts[postgresql]')"
     )
+
+
+def test_a_server_that_never_answers_fails_the_call_within_its_bound(
+    postgres_server: PostgresServer, stores: list[PostgresStore], table: str
+) -> None:
+    store = open_(stores, postgres_server.url, table, timeout=1.0)
+    store.put(entry())
+    postgres_server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=r"cannot read example\.com: no answer .* 2 s"):
+            store.get("example.com")
+        # The bound is the timeout and ANSWER_GRACE, a second each; a loaded machine adds some.
+        assert 1.9 < time.monotonic() - started < 6.0
+    finally:
+        postgres_server.resume()
+    assert store.get("example.com") == entry()

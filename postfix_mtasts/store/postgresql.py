@@ -30,9 +30,10 @@ noticed by the first call that meets a dead connection; that call and the next o
 connection of their own, which fails at once while the server refuses connections, and once one
 succeeds the pool drops its dead connections and the store works again, without a reopen.
 
-psycopg has no client-side bound on a statement: a server that accepts connections and then
-never answers (a stopped process, a frozen machine) holds a call until the server's kernel gives
-the connection up. The daemon bounds each call of its own; this is not the normal case.
+psycopg has no client-side bound on a statement, and a server that accepts connections and then
+never answers (a stopped process, a frozen machine) never runs its statement_timeout: a watchdog
+thread shuts down the socket of a call that has had no answer for `ANSWER_GRACE` seconds past
+``timeout``, which fails the call and discards its connection.
 
 Bounded reads: a row whose text fields are longer than `MAX_POLICY_TEXT` characters (a tampered
 table) is filtered out by the server and reads as absent, so it is never transferred; the next
@@ -42,10 +43,14 @@ put() for the domain overwrites it. A notification that is malformed or too long
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+import os
 import re
 import secrets
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, TypeVar
 
@@ -94,6 +99,10 @@ KEEPALIVE_IDLE = 5
 KEEPALIVE_INTERVAL = 2
 KEEPALIVE_COUNT = 3
 DEAD_PEER = 10.0
+# How long past the store's timeout a call waits for an answer before its connection is shut
+# down: the server's statement_timeout (the store's timeout) fires first whenever the server
+# runs at all, and leaves the connection usable.
+ANSWER_GRACE = 1.0
 
 _COLUMNS = (
     "domain",
@@ -172,8 +181,23 @@ class PostgresStore:
         return text.replace(self._password, "***") if self._password else text
 
     def _error(self, doing: str, exc: BaseException) -> StoreError:
-        cause = str(exc).strip().replace("\n", "; ") or type(exc).__name__
+        cause = re.sub(r"\s*\n\s*", "; ", str(exc).strip()) or type(exc).__name__
         return StoreError(self._scrub(f"{self.where}: {doing}: {cause}"))
+
+    def _bounded(self, doing: str, conn: psycopg.Connection[Any], work: Callable[..., T]) -> T:
+        """``work(conn)``, its connection shut down when the server does not answer in time."""
+        bound = self._timeout + ANSWER_GRACE
+        key = _WATCHDOG.watch(conn.pgconn.socket, bound)
+        try:
+            return work(conn)
+        except psycopg.Error:
+            if _WATCHDOG.done(key):
+                raise StoreError(
+                    f"{self.where}: {doing}: no answer from the server within {bound:g} s"
+                ) from None
+            raise
+        finally:
+            _WATCHDOG.done(key)
 
     def _connect(self, doing: str) -> psycopg.Connection[Any]:
         try:
@@ -199,16 +223,19 @@ class PostgresStore:
             except psycopg.Error as exc:  # the pool was closed meanwhile
                 raise self._error(doing, exc) from None
             try:
-                return work(conn)
+                return self._bounded(doing, conn, work)
             except psycopg.Error as exc:
                 if not conn.closed:
                     raise self._error(doing, exc) from None
                 self._down = True
+            except StoreError:
+                self._down = True
+                raise
             finally:
                 self._pool.putconn(conn)
         conn = self._connect(doing)
         try:
-            result = work(conn)
+            result = self._bounded(doing, conn, work)
         except psycopg.Error as exc:
             raise self._error(doing, exc) from None
         finally:
@@ -452,6 +479,68 @@ class PostgresWatcher:
                     self._conn = None
             finally:
                 self._lock.release()
+
+
+class _Watchdog:
+    """Shuts down the socket of a call that outlived its bound, waking the thread blocked on it
+    (psycopg then reports the connection lost). One thread for every store, started when first
+    needed. A socket is touched only between watch() and done(), while its call holds it open."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._calls: dict[int, tuple[float, int]] = {}
+        self._fired: set[int] = set()
+        self._keys = itertools.count()
+        self._thread: threading.Thread | None = None
+        # When the thread wakes up next (inf: when told).
+        self._wake_at = math.inf
+
+    def watch(self, fd: int, seconds: float) -> int:
+        deadline = time.monotonic() + seconds
+        with self._lock:
+            key = next(self._keys)
+            self._calls[key] = (deadline, fd)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="postgresql store watchdog", daemon=True
+                )
+                self._thread.start()
+            if deadline < self._wake_at:
+                self._lock.notify()
+            return key
+
+    def done(self, key: int) -> bool:
+        """Forget the call; True when its socket was shut down."""
+        with self._lock:
+            self._calls.pop(key, None)
+            if key in self._fired:
+                self._fired.discard(key)
+                return True
+            return False
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                for key, (deadline, fd) in list(self._calls.items()):
+                    if deadline <= now:
+                        del self._calls[key]
+                        self._fired.add(key)
+                        _shut_down(fd)
+                self._wake_at = min((d for d, _ in self._calls.values()), default=math.inf)
+                self._lock.wait(None if self._wake_at == math.inf else self._wake_at - now)
+
+
+def _shut_down(fd: int) -> None:
+    try:
+        # A duplicate of the descriptor: shutting it down shuts the connection's socket down.
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+_WATCHDOG = _Watchdog()
 
 
 class _Statements:
