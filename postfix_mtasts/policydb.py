@@ -922,6 +922,8 @@ class PolicyDB:
         another daemon's result are woken. Call from the loop."""
         if domains == ALL:
             wanted: Iterable[str] = list(self._slots)
+            # The watcher reached the store again: so can the rest.
+            self._store_down_until = -math.inf
             self._store_back()
         else:
             wanted = domains

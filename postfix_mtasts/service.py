@@ -217,6 +217,17 @@ def setup_logging(settings: config.Config) -> None:
     root = logging.getLogger()
     root.addHandler(new)
     root.setLevel(settings.log.level.upper())
+    # The store clients log each failed connection on their own: the cache logs an outage once
+    # (policydb), and their debug lines describe connections in detail nobody needs.
+    for name, level in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+_QUIET_LOGGERS = {
+    "psycopg": logging.WARNING,
+    "psycopg.pool": logging.ERROR,
+    "redis": logging.WARNING,
+}
 
 
 def close_logging() -> None:

@@ -60,6 +60,8 @@ from postfix_mtasts.store import (
     MAX_DOMAIN_NAMES,
     MAX_POLICY_TEXT,
     Entry,
+    ForeignFileError,
+    NewerSchemaError,
     StoreError,
     check_entry,
     redact_url,
@@ -283,7 +285,7 @@ class PostgresStore:
             return 0
         value = row[0]
         if not (isinstance(value, str) and value.isdigit() and len(value) < 10):
-            raise StoreError(
+            raise ForeignFileError(
                 f"{self.where}: cannot open: schema_version {str(value)[:20]!r} in"
                 f" {self._table}_meta is not a version number"
             )
@@ -292,7 +294,7 @@ class PostgresStore:
         return int(value)
 
     def _newer(self, version: int) -> StoreError:
-        return StoreError(
+        return NewerSchemaError(
             f"{self.where}: written by a newer postfix-mtasts (cache schema {version},"
             f" this version knows {SCHEMA_VERSION})"
         )
