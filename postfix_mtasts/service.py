@@ -88,13 +88,17 @@ def make_store(settings: config.Config) -> Store:
     c = settings.cache
     backend, path = c.backend, c.path
     bound = c.memory_domains
-    shared = {
-        "url": c.url,
-        "name": c.table if backend == "postgresql" else c.prefix,
-        "timeout": c.timeout,
-    }
+    opener = functools.partial(
+        open_store,
+        backend,
+        path,
+        memory_entries=bound,
+        url=c.url,
+        name=c.table if backend == "postgresql" else c.prefix,
+        timeout=c.timeout,
+    )
     try:
-        store = open_store(backend, path, memory_entries=bound, **shared)
+        store = opener()
     except ForeignFileError as exc:
         if backend == "sqlite":
             raise config.ConfigError(f"cache.path: {exc}") from exc
@@ -104,7 +108,7 @@ def make_store(settings: config.Config) -> Store:
         # every later restart is not memory-only too.
         try:
             aside = move_aside(path)
-            store = open_store(backend, path, memory_entries=bound, **shared)
+            store = opener()
         except StoreError as again:
             log.error("cache is damaged (%s) and cannot be replaced (%s)", exc, again)
         else:
@@ -117,11 +121,7 @@ def make_store(settings: config.Config) -> Store:
             # The fleet's server may come back: try again, and meanwhile look up and keep what is
             # learnt in memory, as during any outage of the store.
             log.error("cannot open the cache (%s); trying again every few seconds", exc)
-            return LateStore(
-                functools.partial(open_store, backend, path, memory_entries=bound, **shared),
-                _shared_where(c),
-                str(exc),
-            )
+            return LateStore(opener, _shared_where(c), str(exc))
         log.error("cannot open the cache (%s)", exc)
     else:
         if isinstance(store, SqliteStore) and store.read_only:

@@ -133,7 +133,9 @@ class Store(Protocol):
     instant: bool
     shared: bool
     where: str
-    origin: str
+
+    @property
+    def origin(self) -> str: ...
 
     def get(self, domain: str) -> Entry | None:
         """The entry for `domain`, or None."""
