@@ -11,14 +11,16 @@ per thread: the store is off the hot path (policydb answers cached domains from 
 after lookups), each statement takes microseconds, and one connection is closed, reopened and
 accounted for in one place, where per-thread connections would outlive their pool's threads.
 
-Sharing (`shared = True`): the daemons of one machine share the file, and three tables serve
-them besides `entries`. `changes` is a change log: each put and delete adds a row (seq, domain,
-origin) in the same transaction as the write, and rows far behind the newest are deleted now and
-then (`KEEP_CHANGES`, checked every `TRIM_EVERY` rows), so it stays bounded. A `Watcher` has a
-read-only connection of its own and polls `PRAGMA data_version`, which moves when another
-connection commits, every `POLL_INTERVAL` seconds; when it moved, the watcher reads the change log
-after the last row it saw. So a change reaches a watcher within `POLL_INTERVAL` plus one read of
-the log. A watcher that fell so far behind that rows it never saw were deleted reports `ALL`.
+Sharing (`shared = True`): the daemons of one machine share the file, and two tables serve them
+besides `entries` (schema version 2; a version-1 file is migrated with its entries when opened for
+writing, and read as it is when it can only be read). `changes` is a change log: each put and
+delete adds a row (seq, domain, origin) in the same transaction as the write, and rows more than
+`KEEP_CHANGES` behind the newest are deleted whenever the row numbers pass a multiple of
+`TRIM_EVERY`, so it stays bounded. A watcher (`SqliteWatcher`) has a read-only connection of its
+own and polls `PRAGMA data_version`, which moves when another connection commits, every
+`POLL_INTERVAL` seconds; when it moved, the watcher reads the change log after the last row it
+saw. So a change reaches a watcher within `POLL_INTERVAL` plus one read of the log. A watcher
+that fell so far behind that rows it never saw were deleted reports `ALL`.
 `leases` holds one row per leased domain (holder, expiry by `time.time()`: the daemons sharing a
 file share the machine's clock); expired rows are deleted by `purge_unused` and now and then by
 `lease`.
