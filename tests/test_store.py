@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachefiles import damaged_cache
+from cachefiles import damaged_cache, version_1_cache
 from storekit import BACKENDS, SHARED, opener
 
 from postfix_mtasts.store import (
     ALL,
+    MAX_DOMAIN_NAMES,
     MAX_POLICY_TEXT,
     CorruptStoreError,
     Entry,
@@ -33,7 +34,8 @@ from postfix_mtasts.store import (
     Watcher,
     open_store,
 )
-from postfix_mtasts.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, move_aside
+from postfix_mtasts.store import sqlite as sqlite_store
+from postfix_mtasts.store.sqlite import APPLICATION_ID, POLL_INTERVAL, SCHEMA_VERSION, move_aside
 
 POLICY = "version: STSv1\nmode: enforce\nmx: mail.example.com\nmx: *.example.net\nmax_age: 86400\n"
 
@@ -498,9 +500,15 @@ def test_a_cache_of_a_newer_version_is_refused_and_left_alone(
     raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     raw.commit()
     raw.close()
-    with pytest.raises(StoreError, match=r"newer postfix-mtasts \(cache schema 2") as caught:
+    before = Path(cache_path).read_bytes()
+    with pytest.raises(
+        StoreError,
+        match=rf"^{cache_path}: written by a newer postfix-mtasts \(cache schema"
+        rf" {SCHEMA_VERSION + 1}, this version knows {SCHEMA_VERSION}\)$",
+    ) as caught:
         open_sqlite()
     assert not isinstance(caught.value, CorruptStoreError)
+    assert Path(cache_path).read_bytes() == before
 
 
 def test_tampered_rows_read_as_absent(open_sqlite: Opener, cache_path: str) -> None:
@@ -613,4 +621,316 @@ def test_an_unwritable_place_is_a_store_error(relative: str, cause: str) -> None
         assert results.get() == f"StoreError: {path}: {cause.format(dir=directory)}"
     finally:
         os.chmod(directory, 0o755)
+        shutil.rmtree(directory)
+
+
+# --- SQLite: a fleet on one machine --------------------------------------------------------------
+
+
+def test_a_version_1_cache_is_migrated_and_keeps_its_entries(
+    open_sqlite: Opener, cache_path: str
+) -> None:
+    os.makedirs(os.path.dirname(cache_path))
+    old = [entry("a.example"), entry("b.example", policy_text=None, last_used=7.0)]
+    version_1_cache(cache_path, old)
+    first, second = open_sqlite(), open_sqlite()
+    assert [first.get("a.example"), first.get("b.example")] == old
+    assert list(second.entries()) == old
+    # The fleet's tables work on the migrated file.
+    watcher = second.watch()
+    try:
+        first.put(entry("c.example"))
+        assert _changes(watcher, {"c.example"}, 5.0)[0] == {"c.example"}
+    finally:
+        watcher.close()
+    assert first.lease("a.example", "daemon-1", 30.0)
+    assert not second.lease("a.example", "daemon-2", 30.0)
+    raw = sqlite3.connect(cache_path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert raw.execute("PRAGMA application_id").fetchone() == (APPLICATION_ID,)
+    finally:
+        raw.close()
+
+
+def test_a_store_is_shared_and_names_its_file(open_sqlite: Opener, cache_path: str) -> None:
+    one, two = open_sqlite(), open_sqlite()
+    assert (one.shared, one.instant, one.where) == (True, False, cache_path)
+    assert len(one.origin) == 16 and one.origin != two.origin
+
+
+def test_a_change_reaches_a_watcher_within_the_poll_interval_and_a_read(
+    open_sqlite: Opener,
+) -> None:
+    writer, reader = open_sqlite(), open_sqlite()
+    watcher = reader.watch()
+    try:
+        delays = []
+        for n in range(10):
+            written = time.monotonic()
+            writer.put(entry(f"d{n}.example"))
+            assert watcher.wait(5.0) == frozenset({f"d{n}.example"})
+            delays.append(time.monotonic() - written)
+        # POLL_INTERVAL plus one read; loose, for a machine busy with other tests.
+        assert sorted(delays)[5] < POLL_INTERVAL + 1.0
+    finally:
+        watcher.close()
+
+
+def _put_from_process(path: str, domains: list[str]) -> None:
+    s = open_store("sqlite", path, busy_timeout=30.0)
+    for domain in domains:
+        s.put(entry(domain))
+    s.delete(domains[:1])
+    s.close()
+
+
+def test_a_watcher_hears_the_changes_of_another_process(
+    open_sqlite: Opener, cache_path: str
+) -> None:
+    watcher = open_sqlite().watch()
+    try:
+        domains = [f"p{n}.example" for n in range(20)]
+        process = multiprocessing.get_context("fork").Process(
+            target=_put_from_process, args=(cache_path, domains)
+        )
+        process.start()
+        seen, _ = _changes(watcher, set(domains), 30.0)
+        process.join(30)
+        assert process.exitcode == 0
+        assert seen == set(domains)
+    finally:
+        watcher.close()
+
+
+def test_the_change_log_stays_bounded(
+    open_sqlite: Opener, cache_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "KEEP_CHANGES", 40)
+    monkeypatch.setattr(sqlite_store, "TRIM_EVERY", 16)
+    one, two = open_sqlite(), open_sqlite()
+    for n in range(300):
+        (one if n % 2 else two).put(entry(f"d{n}.example"))
+    one.delete([f"d{n}.example" for n in range(100)])
+    raw = sqlite3.connect(cache_path)
+    try:
+        (count, newest) = raw.execute("SELECT count(*), max(seq) FROM changes").fetchone()
+    finally:
+        raw.close()
+    assert newest == 400
+    assert 40 <= count < 40 + 16 + 100
+
+
+def test_a_watcher_that_fell_behind_the_trimmed_log_reports_all(
+    open_sqlite: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "KEEP_CHANGES", 40)
+    monkeypatch.setattr(sqlite_store, "TRIM_EVERY", 16)
+    writer, reader = open_sqlite(), open_sqlite()
+    watcher = reader.watch()
+    try:
+        for n in range(100):
+            writer.put(entry(f"d{n}.example"))
+        assert watcher.wait(5.0) == ALL
+        # From the newest row on, nothing is lost again.
+        assert watcher.wait(0.3) == frozenset()
+        writer.put(entry("later.example"))
+        assert watcher.wait(5.0) == frozenset({"later.example"})
+    finally:
+        watcher.close()
+
+
+def test_a_watcher_reads_a_long_log_in_batches_and_misses_nothing(open_sqlite: Opener) -> None:
+    writer, reader = open_sqlite(), open_sqlite()
+    watcher = reader.watch()
+    try:
+        domains = [f"d{n:04d}.example" for n in range(2500)]
+        writer.delete(domains)
+        batches: list[frozenset[str]] = []
+        while len(seen := set().union(*batches)) < len(domains):
+            got = watcher.wait(5.0)
+            assert got != ALL and got
+            batches.append(got)
+        assert seen == set(domains)
+        assert max(len(b) for b in batches) <= MAX_DOMAIN_NAMES
+    finally:
+        watcher.close()
+
+
+def test_malformed_rows_in_the_change_log_are_ignored(open_sqlite: Opener, cache_path: str) -> None:
+    writer, reader = open_sqlite(), open_sqlite()
+    watcher = reader.watch()
+    try:
+        raw = sqlite3.connect(cache_path)
+        raw.executemany(
+            "INSERT INTO changes (domain, origin) VALUES (?, 'tamperer')",
+            [("x" * 100000,), ("a" * 254,), (b"blob.example",), ("two names.example",), ("",)],
+        )
+        raw.commit()
+        raw.close()
+        writer.put(entry("good.example"))
+        seen, _ = _changes(watcher, {"good.example"}, 5.0)
+        assert seen == {"good.example"}
+    finally:
+        watcher.close()
+
+
+def test_a_watcher_whose_file_was_replaced_raises_then_reports_all(
+    open_sqlite: Opener, cache_path: str
+) -> None:
+    reader = open_sqlite()
+    watcher = reader.watch()
+    try:
+        assert watcher.wait(0.2) == frozenset()
+        # Another daemon found the file damaged, moved it aside and started a new cache.
+        move_aside(cache_path)
+        fresh = open_sqlite()
+        with pytest.raises(
+            StoreError, match=rf"^{cache_path}: cannot watch for changes: .*replaced"
+        ):
+            watcher.wait(1.0)
+        assert watcher.wait(1.0) == ALL
+        fresh.put(entry("new.example"))
+        assert _changes(watcher, {"new.example"}, 5.0)[0] == {"new.example"}
+        # A file that is gone: an error each time, until there is a file again.
+        os.rename(cache_path, cache_path + ".gone")
+        with pytest.raises(StoreError, match=rf"^{cache_path}: cannot watch for changes: "):
+            watcher.wait(1.0)
+        with pytest.raises(StoreError, match="No such file"):
+            watcher.wait(1.0)
+        os.rename(cache_path + ".gone", cache_path)
+        assert watcher.wait(1.0) == ALL
+    finally:
+        watcher.close()
+
+
+def test_a_closed_watcher_stops_waiting_and_refuses_to_wait_again(open_sqlite: Opener) -> None:
+    watcher = open_sqlite().watch()
+    closer = threading.Timer(0.3, watcher.close)
+    closer.start()
+    started = time.monotonic()
+    assert watcher.wait(30.0) == frozenset()
+    assert time.monotonic() - started < 10.0
+    closer.join()
+    with pytest.raises(StoreError, match="closed"):
+        watcher.wait(0.1)
+    watcher.close()
+
+
+def test_a_closed_store_is_not_watched(open_sqlite: Opener, cache_path: str) -> None:
+    s = open_sqlite()
+    s.close()
+    with pytest.raises(StoreError, match=rf"^{cache_path}: .*closed"):
+        s.watch()
+
+
+def test_expired_leases_do_not_pile_up(open_sqlite: Opener, cache_path: str) -> None:
+    s = open_sqlite()
+    for n in range(20):
+        assert s.lease(f"d{n}.example", "crashed", 0.01)
+    assert s.lease("held.example", "daemon-1", 300.0)
+    time.sleep(0.1)
+    s.purge_unused(0.0)
+    raw = sqlite3.connect(cache_path)
+    try:
+        assert raw.execute("SELECT domain FROM leases").fetchall() == [("held.example",)]
+    finally:
+        raw.close()
+
+
+def test_entries_skips_tampered_rows(open_sqlite: Opener, cache_path: str) -> None:
+    s = open_sqlite()
+    for n in range(3):
+        s.put(entry(f"d{n}.example"))
+    raw = sqlite3.connect(cache_path)
+    raw.execute(
+        "INSERT INTO entries VALUES ('d1a.example', 'x', ?, 1, 2, 3, 4, '', 0)",
+        ("x" * (MAX_POLICY_TEXT + 1),),
+    )
+    raw.execute("INSERT INTO entries VALUES ('d1b.example', 'x', 'p', 'soon', 2, 3, 4, '', 0)")
+    raw.commit()
+    raw.close()
+    assert [e.domain for e in s.entries()] == ["d0.example", "d1.example", "d2.example"]
+
+
+def _watch_unprivileged(path: str, results: Any) -> None:
+    nobody = pwd.getpwnam("nobody")
+    os.setgroups([])
+    os.setgid(nobody.pw_gid)
+    os.setuid(nobody.pw_uid)
+    try:
+        s = open_store("sqlite", path)
+        results.put(("read_only", bool(getattr(s, "read_only", ""))))
+        results.put(("get", s.get("a.example") == entry("a.example")))
+        watcher = s.watch()
+        results.put(("watching", True))
+        results.put(("seen", sorted(_changes(watcher, {"b.example"}, 10.0)[0])))
+        watcher.close()
+        s.close()
+    except StoreError as exc:
+        results.put(("StoreError", str(exc)))
+
+
+def test_a_store_opened_read_only_can_be_watched() -> None:
+    # Under /tmp rather than tmp_path: the unprivileged user must be able to reach it.
+    directory = tempfile.mkdtemp(prefix="postfix-mtasts-test-")
+    try:
+        path = os.path.join(directory, "cache.sqlite")
+        writer = open_store("sqlite", path)
+        writer.put(entry("a.example"))
+        os.chmod(directory, 0o755)
+        for suffix in ("", "-wal", "-shm"):
+            os.chmod(path + suffix, 0o644)
+        ctx = multiprocessing.get_context("fork")
+        results = ctx.SimpleQueue()
+        process = ctx.Process(target=_watch_unprivileged, args=(path, results))
+        process.start()
+        got: dict[str, Any] = {}
+        while "watching" not in got and "StoreError" not in got:
+            key, value = results.get()
+            got[key] = value
+        writer.put(entry("b.example"))
+        process.join(30)
+        while not results.empty():
+            key, value = results.get()
+            got[key] = value
+        writer.close()
+        assert process.exitcode == 0
+        assert got == {"read_only": True, "get": True, "watching": True, "seen": ["b.example"]}
+    finally:
+        shutil.rmtree(directory)
+
+
+def _read_version_1_unprivileged(path: str, results: Any) -> None:
+    nobody = pwd.getpwnam("nobody")
+    os.setgroups([])
+    os.setgid(nobody.pw_gid)
+    os.setuid(nobody.pw_uid)
+    try:
+        s = open_store("sqlite", path)
+        results.put(s.get("a.example") == entry("a.example"))
+        s.close()
+    except StoreError as exc:
+        results.put(f"StoreError: {exc}")
+
+
+def test_a_version_1_cache_that_cannot_be_written_is_still_read() -> None:
+    directory = tempfile.mkdtemp(prefix="postfix-mtasts-test-")
+    try:
+        path = os.path.join(directory, "cache.sqlite")
+        version_1_cache(path, [entry("a.example")])
+        os.chmod(directory, 0o755)
+        ctx = multiprocessing.get_context("fork")
+        results = ctx.SimpleQueue()
+        process = ctx.Process(target=_read_version_1_unprivileged, args=(path, results))
+        process.start()
+        process.join(30)
+        assert process.exitcode == 0
+        assert results.get() is True
+        raw = sqlite3.connect(path)
+        try:
+            assert raw.execute("PRAGMA user_version").fetchone() == (1,)
+        finally:
+            raw.close()
+    finally:
         shutil.rmtree(directory)

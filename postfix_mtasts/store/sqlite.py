@@ -11,6 +11,20 @@ per thread: the store is off the hot path (policydb answers cached domains from 
 after lookups), each statement takes microseconds, and one connection is closed, reopened and
 accounted for in one place, where per-thread connections would outlive their pool's threads.
 
+Sharing (`shared = True`): the daemons of one machine share the file, and two tables serve them
+besides `entries` (schema version 2; a version-1 file is migrated with its entries when opened for
+writing, and read as it is when it can only be read). `changes` is a change log: each put and
+delete adds a row (seq, domain, origin) in the same transaction as the write, and rows more than
+`KEEP_CHANGES` behind the newest are deleted whenever the row numbers pass a multiple of
+`TRIM_EVERY`, so it stays bounded. A watcher (`SqliteWatcher`) has a read-only connection of its
+own and polls `PRAGMA data_version`, which moves when another connection commits, every
+`POLL_INTERVAL` seconds; when it moved, the watcher reads the change log after the last row it
+saw. So a change reaches a watcher within `POLL_INTERVAL` plus one read of the log. A watcher
+that fell so far behind that rows it never saw were deleted reports `ALL`.
+`leases` holds one row per leased domain (holder, expiry by `time.time()`: the daemons sharing a
+file share the machine's clock); expired rows are deleted by `purge_unused` and now and then by
+`lease`.
+
 Open the store in the process that uses it (after `--daemon` detached and dropped privileges): a
 SQLite connection must not cross a fork.
 
@@ -30,14 +44,18 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from typing import Literal
 
 from postfix_mtasts.store import (
+    ALL,
+    MAX_DOMAIN_NAMES,
     MAX_POLICY_TEXT,
     CorruptStoreError,
     Entry,
@@ -46,10 +64,40 @@ from postfix_mtasts.store import (
     check_entry,
 )
 
-__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SqliteStore", "check_ours", "move_aside"]
+__all__ = [
+    "APPLICATION_ID",
+    "KEEP_CHANGES",
+    "POLL_INTERVAL",
+    "SCHEMA_VERSION",
+    "SqliteStore",
+    "SqliteWatcher",
+    "check_ours",
+    "move_aside",
+]
 
 # PRAGMA user_version of the file. Raise it with a migration in _create_or_migrate().
-SCHEMA_VERSION = 1
+# 1: entries. 2: the change log and the leases of a fleet (changes, leases).
+SCHEMA_VERSION = 2
+# The versions whose entries this version reads from a file it cannot write (and so cannot
+# migrate): the entries table is the same in all of them.
+_READABLE_VERSIONS = (1, 2)
+# The change log keeps about this many rows behind the newest; a watcher further behind than
+# that reports ALL. Trimming is one indexed DELETE, done when a write's row number crosses a
+# multiple of TRIM_EVERY (whichever process writes it), so not on every write.
+KEEP_CHANGES = 10000
+TRIM_EVERY = 256
+# How often a watcher looks at PRAGMA data_version: the bound on how late it hears of a change,
+# plus one read of the log.
+POLL_INTERVAL = 0.1
+# Rows of the change log a watcher reads at a time (a tampered log is read in bounded pieces).
+_CHANGES_BATCH = MAX_DOMAIN_NAMES
+# Entries read at a time by entries().
+_ENTRIES_BATCH = 500
+# Every this many lease() calls of a store, expired leases are deleted (purge_unused does too).
+_LEASE_SWEEP_EVERY = 256
+# A domain name in the change log is ignored unless it is this long at most (RFC 1035: 253
+# characters in text form).
+_MAX_DOMAIN = 253
 # PRAGMA application_id of the file (the SQLite header's field for "which program's file is
 # this", offset 68): "MTST". Files made before it was set are recognised by their schema.
 APPLICATION_ID = 0x4D545354
@@ -93,16 +141,22 @@ _UPSERT = (
 
 
 class SqliteStore:
-    # A read may wait for the disk or for another process's lock.
-    instant = False
-
     """The cache file at ``path``, opened for reading and writing when it can be, else for reading
     only (``read_only``): a read-only directory or file system, or a full disk, still gives the
     daemon every policy the file holds. A read-only store tries to become writable again at most
     every ``WRITE_RETRY_INTERVAL`` seconds, when something is to be written."""
 
+    # A read may wait for the disk or for another process's lock.
+    instant = False
+    # The daemons of one machine may share the file.
+    shared = True
+
     def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
         self.path = path
+        self.where = path
+        self.origin = secrets.token_hex(8)
+        # Counts lease() calls, to delete expired leases now and then.
+        self._leases_taken = 0
         self._busy_timeout = busy_timeout
         self._lock = threading.Lock()
         # Why the store is read-only ("" while it is writable), and when to try writing again.
@@ -178,11 +232,19 @@ class SqliteStore:
         if problems != ["ok"]:
             raise CorruptStoreError(f"{self.path}: damaged: {'; '.join(problems[:3])}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
+            raise self._newer(version)
+        if version not in _READABLE_VERSIONS:
             raise StoreError(
                 f"{self.path}: cache schema {version}, this version reads {SCHEMA_VERSION}"
                 " (and cannot write the file to change it)"
             )
+
+    def _newer(self, version: int) -> StoreError:
+        return StoreError(
+            f"{self.path}: written by a newer postfix-mtasts (cache schema {version},"
+            f" this version knows {SCHEMA_VERSION})"
+        )
 
     def _create_file(self) -> None:
         # The directory 0750 and the file 0640 (SQLite gives its -wal and -shm files the file's
@@ -225,12 +287,15 @@ class SqliteStore:
         # Whose file it is comes first: a file that is not ours is not touched, not even by the
         # switch to WAL. (A file that is not SQLite at all was refused by check_ours().)
         self._check_ours(db)
+        # A newer version's file is not written at all, not even by the switch to WAL.
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise self._newer(version)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         problems = [row[0] for row in db.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise CorruptStoreError(f"{self.path}: damaged: {'; '.join(problems[:3])}")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
         application_id = db.execute("PRAGMA application_id").fetchone()[0]
         if version != SCHEMA_VERSION or application_id != APPLICATION_ID:
             self._create_or_migrate(db)
@@ -258,12 +323,29 @@ class SqliteStore:
                     )"""
                 )
                 db.execute("CREATE INDEX entries_last_used ON entries (last_used)")
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path}: written by a newer postfix-mtasts (cache schema {version},"
-                    f" this version knows {SCHEMA_VERSION})"
+                # Another process upgraded the file since _prepare() looked.
+                raise self._newer(version)
+            if version < 2:
+                # Version 1 to 2 keeps every entry: the fleet's tables are added beside them.
+                # AUTOINCREMENT: a row number is never used twice, so a watcher's position in
+                # the log stays valid when the newest rows are deleted.
+                db.execute(
+                    """CREATE TABLE changes (
+                        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                        domain TEXT NOT NULL,
+                        origin TEXT NOT NULL
+                    )"""
                 )
+                db.execute(
+                    """CREATE TABLE leases (
+                        domain TEXT PRIMARY KEY NOT NULL,
+                        holder TEXT NOT NULL,
+                        expires REAL NOT NULL
+                    )"""
+                )
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             # Marks the file as ours in its header, where check_ours() reads it.
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             db.execute("COMMIT")
@@ -327,7 +409,94 @@ class SqliteStore:
     def put(self, entry: Entry) -> None:
         check_entry(entry, self.path)
         with self._connection(f"cannot store {entry.domain}", writing=True) as db:
+            db.execute("BEGIN IMMEDIATE")
             db.execute(_UPSERT, tuple(getattr(entry, column) for column in _COLUMNS))
+            self._announce(db, (entry.domain,))
+            db.execute("COMMIT")
+
+    def delete(self, domains: Iterable[str]) -> int:
+        names = sorted(set(domains))
+        doing = f"cannot delete {len(names)} domains"
+        if not names:
+            with self._connection(doing):
+                return 0
+        with self._connection(doing, writing=True) as db:
+            db.execute("BEGIN IMMEDIATE")
+            deleted = sum(
+                db.execute("DELETE FROM entries WHERE domain = ?", (name,)).rowcount
+                for name in names
+            )
+            # Every name is announced, held here or not: another daemon may hold in memory a
+            # domain whose entry this file lost, and `cache forget` must reach it too.
+            self._announce(db, names)
+            db.execute("COMMIT")
+        return deleted
+
+    def _announce(self, db: sqlite3.Connection, domains: Sequence[str]) -> None:
+        """Log the change of ``domains`` for the watchers, in the caller's transaction, and
+        trim the log when its row numbers crossed a multiple of TRIM_EVERY."""
+        newest = 0
+        for domain in domains:
+            newest = (
+                db.execute(
+                    "INSERT INTO changes (domain, origin) VALUES (?, ?)", (domain, self.origin)
+                ).lastrowid
+                or 0
+            )
+        if (newest - len(domains)) // TRIM_EVERY != newest // TRIM_EVERY:
+            db.execute("DELETE FROM changes WHERE seq <= ?", (newest - KEEP_CHANGES,))
+
+    def entries(self) -> Iterator[Entry]:
+        after: object = None
+        while True:
+            # One batch at a time, the lock held only while it is read: a long listing does not
+            # stop the daemon's reads and writes.
+            with self._connection("cannot list entries") as db:
+                if after is None:
+                    rows = db.execute(
+                        f"{_SELECT} ORDER BY domain LIMIT ?", (_ENTRIES_BATCH,)
+                    ).fetchall()
+                else:
+                    rows = db.execute(
+                        f"{_SELECT} AND domain > ? ORDER BY domain LIMIT ?",
+                        (after, _ENTRIES_BATCH),
+                    ).fetchall()
+            for row in rows:
+                found = _entry(row)
+                if found is not None:
+                    yield found
+            if len(rows) < _ENTRIES_BATCH:
+                return
+            after = rows[-1][0]
+
+    def lease(self, domain: str, holder: str, seconds: float) -> bool:
+        # time.time(): the daemons sharing the file share the machine's clock.
+        now = time.time()
+        with self._connection(f"cannot take the lease on {domain}", writing=True) as db:
+            self._leases_taken += 1
+            if self._leases_taken % _LEASE_SWEEP_EVERY == 0:
+                db.execute("DELETE FROM leases WHERE expires <= ?", (now,))
+            # One statement: taking, renewing and refusing cannot interleave with another
+            # process's. The update only happens for the holder, or over an expired lease.
+            return (
+                db.execute(
+                    "INSERT INTO leases (domain, holder, expires) VALUES (?1, ?2, ?3)"
+                    " ON CONFLICT(domain) DO UPDATE SET"
+                    " holder = excluded.holder, expires = excluded.expires"
+                    " WHERE leases.holder = excluded.holder OR leases.expires <= ?4",
+                    (domain, holder, now + seconds, now),
+                ).rowcount
+                == 1
+            )
+
+    def release(self, domain: str, holder: str) -> None:
+        with self._connection(f"cannot release the lease on {domain}", writing=True) as db:
+            db.execute("DELETE FROM leases WHERE domain = ? AND holder = ?", (domain, holder))
+
+    def watch(self) -> SqliteWatcher:
+        with self._connection("cannot watch for changes"):
+            pass  # a closed store is not watched
+        return SqliteWatcher(self.path, self.origin, busy_timeout=self._busy_timeout)
 
     def touch(self, last_used: Mapping[str, float]) -> None:
         if not last_used:
@@ -346,6 +515,7 @@ class SqliteStore:
     def purge_unused(self, before: float, without_policy_before: float | None = None) -> int:
         negative = before if without_policy_before is None else max(before, without_policy_before)
         with self._connection("cannot purge unused entries", writing=True) as db:
+            db.execute("DELETE FROM leases WHERE expires <= ?", (time.time(),))
             return db.execute(
                 "DELETE FROM entries WHERE last_used < ?"
                 " OR (policy_text IS NULL AND last_used < ?)",
@@ -357,6 +527,196 @@ class SqliteStore:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+class SqliteWatcher:
+    """The changes other stores made to the file at ``path``, read from its change log by a
+    read-only connection of the watcher's own (so a store opened read-only can be watched too).
+
+    ``wait`` looks at ``PRAGMA data_version`` every ``POLL_INTERVAL`` seconds and reads the log
+    after the last row it saw when it moved, skipping the rows of ``origin`` (its own store's)
+    and rows that are not a domain name. The "connection" is lost when reading fails or the file
+    at ``path`` is no longer the one opened (moved aside, deleted, replaced): ``wait`` raises
+    StoreError, and the next ``wait`` opens the file again (waiting for a lock at most
+    ``busy_timeout`` seconds) and returns ``ALL``."""
+
+    def __init__(self, path: str, origin: str, *, busy_timeout: float = 5.0) -> None:
+        self.path = path
+        self.origin = origin
+        self._busy_timeout = busy_timeout
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._db: sqlite3.Connection | None = None
+        # The file opened (st_dev, st_ino), PRAGMA data_version when last read, and the last row
+        # of the log seen (None: the file has no log, a version-1 cache read only).
+        self._file = (0, 0)
+        self._data_version = 0
+        self._position: int | None = None
+        # The last read filled a batch: more rows wait, read them without waiting.
+        self._more = False
+        with self._lock:
+            self._connect()
+
+    def wait(self, timeout: float) -> frozenset[str] | Literal["all"]:
+        if self._closed.is_set():
+            raise StoreError(f"{self.path}: cannot watch for changes: the watcher is closed")
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._closed.is_set():
+                return frozenset()
+            if self._db is None:
+                self._connect()
+                # Changes made while the file could not be read were not seen.
+                return ALL
+        while True:
+            with self._lock:
+                if self._db is None:
+                    # Closed by another thread while this one slept.
+                    return frozenset()
+                changed = self._poll(self._db)
+            if changed:
+                return changed
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return frozenset()
+            if not self._more and self._closed.wait(min(POLL_INTERVAL, remaining)):
+                return frozenset()
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _connect(self) -> None:
+        """Open the file for reading, starting at the newest row of its log (the lock is
+        held). As the store's reading does, fall back to reading it as immutable where its
+        -shm file cannot be made: such a watcher never hears of a change."""
+        failure: StoreError | None = None
+        for mode in ("mode=ro", "mode=ro&immutable=1"):
+            try:
+                stat = os.stat(self.path)
+                uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?{mode}"
+                db = sqlite3.connect(
+                    uri,
+                    uri=True,
+                    timeout=self._busy_timeout,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+            except OSError as exc:
+                raise StoreError(
+                    f"{self.path}: cannot watch for changes: {exc.strerror or exc}"
+                ) from exc
+            except sqlite3.Error as exc:
+                failure = StoreError(f"{self.path}: cannot watch for changes: {exc}")
+                continue
+            try:
+                _judge(db, self.path)
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.path}: written by a newer postfix-mtasts (cache schema"
+                        f" {version}, this version knows {SCHEMA_VERSION})"
+                    )
+                # data_version first: a commit between the two reads is read again, not lost.
+                self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
+                self._position = _newest_change(db)
+            except sqlite3.Error as exc:
+                db.close()
+                failure = StoreError(f"{self.path}: cannot watch for changes: {exc}")
+                continue
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+            self._file = (stat.st_dev, stat.st_ino)
+            self._more = False
+            return
+        assert failure is not None
+        raise failure
+
+    def _poll(self, db: sqlite3.Connection) -> frozenset[str] | Literal["all"]:
+        """What changed since the last poll (empty when nothing did); on a failure the
+        connection is dropped and StoreError raised (the lock is held)."""
+        try:
+            try:
+                stat = os.stat(self.path)
+            except OSError as exc:
+                raise StoreError(
+                    f"{self.path}: cannot watch for changes: {exc.strerror or exc}"
+                ) from exc
+            if (stat.st_dev, stat.st_ino) != self._file:
+                raise StoreError(
+                    f"{self.path}: cannot watch for changes: the file was replaced"
+                    " (moved, deleted or created anew)"
+                )
+            data_version = db.execute("PRAGMA data_version").fetchone()[0]
+            if data_version == self._data_version and not self._more:
+                return frozenset()
+            self._data_version = data_version
+            return self._read_changes(db)
+        except BaseException as exc:
+            self._db = None
+            db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"{self.path}: cannot watch for changes: {exc}") from exc
+            raise
+
+    def _read_changes(self, db: sqlite3.Connection) -> frozenset[str] | Literal["all"]:
+        position = self._position
+        if position is None:
+            # A file without a log (a version-1 cache) moved: anything may have changed. Once a
+            # newer daemon migrated it, the log is read from its newest row on.
+            self._position = _newest_change(db)
+            return ALL
+        rows = db.execute(
+            # Only names of a bounded length are read into memory; others read as NULL.
+            "SELECT seq, CASE WHEN typeof(domain) = 'text' AND length(domain) <= ?"
+            " THEN domain END, origin = ? FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+            (_MAX_DOMAIN, self.origin, position, _CHANGES_BATCH),
+        ).fetchall()
+        self._more = len(rows) == _CHANGES_BATCH
+        if not rows:
+            return frozenset()
+        if rows[0][0] != position + 1:
+            # Rows this watcher never saw were trimmed away: it fell too far behind.
+            self._more = False
+            self._position = _newest_change(db)
+            return ALL
+        self._position = rows[-1][0]
+        return frozenset(domain for _, domain, own in rows if not own and _is_domain_name(domain))
+
+
+def _newest_change(db: sqlite3.Connection) -> int | None:
+    """The row number of the newest change ever logged in the file (0: none yet), or None
+    when the file has no change log."""
+    if (
+        db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'changes'"
+        ).fetchone()
+        is None
+    ):
+        return None
+    # sqlite_sequence keeps the highest row number ever given, even when those rows are gone.
+    newest = db.execute(
+        "SELECT max(coalesce((SELECT max(seq) FROM changes), 0),"
+        " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0))"
+    ).fetchone()[0]
+    return newest if isinstance(newest, int) else 0
+
+
+def _is_domain_name(name: object) -> bool:
+    """A name from the change log looks like a domain name (what a tampered log holds else is
+    ignored)."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= _MAX_DOMAIN
+        and name.isascii()
+        and name.isprintable()
+        and " " not in name
+    )
 
 
 def _entry(row: tuple[object, ...]) -> Entry | None:
