@@ -590,9 +590,7 @@ class PolicyDB:
         finally:
             if leased:
                 with contextlib.suppress(StoreError):
-                    await self._store_call(
-                        self._store_writes, self.store.release, domain, self._holder
-                    )
+                    await self._store_call(self._store_writes, self._give_up_lease, domain)
         return _Result(cache_rules.expire(outcome, self._clock()), saved)
 
     async def _plan(
@@ -614,11 +612,21 @@ class PolicyDB:
         """Whether this daemon may look ``domain`` up: it holds the store's lease on it, or the
         store cannot say (a store outage never stops a lookup)."""
         try:
-            return await self._store_call(
-                self._store_reads, self.store.lease, domain, self._holder, LEASE_SECONDS
-            )
+            return await self._store_call(self._store_reads, self._take_lease, domain)
         except StoreError:
             return True
+
+    def _take_lease(self, domain: str) -> bool:
+        """In the store's threads: the lease, or True when the store cannot give one (a file
+        opened read-only, a server that just failed): then this daemon acts alone."""
+        try:
+            return self.store.lease(domain, self._holder, LEASE_SECONDS)
+        except StoreError:
+            return True
+
+    def _give_up_lease(self, domain: str) -> None:
+        with contextlib.suppress(StoreError):
+            self.store.release(domain, self._holder)
 
     async def _leave_it(
         self, domain: str, current: Decision | None, held: float | None

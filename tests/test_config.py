@@ -148,6 +148,10 @@ EVERY_KEY: list[tuple[str, Callable[[Config], object], object]] = [
     ("[cache]\nmax_lookups = 8", lambda c: c.cache.max_lookups, 8),
     ("[cache]\nmemory_domains = 10000000", lambda c: c.cache.memory_domains, 10000000),
     ("[cache]\nmemory_domains = 1000", lambda c: c.cache.memory_domains, 1000),
+    ('[cache]\nurl = "unix:///run/redis/redis.sock?db=2"', lambda c: c.cache.url, "unix:///run/redis/redis.sock?db=2"),
+    ('[cache]\nprefix = "mx:"', lambda c: c.cache.prefix, "mx:"),
+    ('[cache]\ntable = "c_2"', lambda c: c.cache.table, "c_2"),
+    ("[cache]\ntimeout = 0.25", lambda c: c.cache.timeout, 0.25),
     ('[policy]\ntesting = "may"', lambda c: c.policy.testing, "may"),
     ('[policy]\ntesting = "secure"', lambda c: c.policy.testing, "secure"),
     ("[policy]\ntlsrpt = true", lambda c: c.policy.tlsrpt, True),
@@ -243,7 +247,29 @@ MISTAKES: list[tuple[str, str, str]] = [
     ('[https]\nproxy = "socks5://127.0.0.1:1080"', "https.proxy", "http:// or https://"),
     ('[https]\nproxy = "proxy.example:3128"', "https.proxy", "http:// or https://"),
     ('[https]\nproxy = "http://proxy.example:99999"', "https.proxy", "out of range"),
-    ('[cache]\nbackend = "mysql"', "cache.backend", 'expected "sqlite" or "memory", got "mysql"'),
+    (
+        '[cache]\nbackend = "mysql"',
+        "cache.backend",
+        'expected "sqlite", "memory", "redis" or "postgresql", got "mysql"',
+    ),
+    ('[cache]\nbackend = "redis"', "cache.url", "needs the server's URL"),
+    ('[cache]\nbackend = "postgresql"', "cache.url", "needs the server's URL"),
+    ('[cache]\nbackend = "redis"\nurl = "http://cache:6379"', "cache.url", "redis:// or rediss://"),
+    ('[cache]\nbackend = "redis"\nurl = "unix://"', "cache.url", "names the socket's path"),
+    ('[cache]\nbackend = "redis"\nurl = "redis:///0"', "cache.url", "no host"),
+    (
+        '[cache]\nbackend = "redis"\nurl = "redis://:hunter2@cache:99999/0"',
+        "cache.url",
+        '"redis://:***@cache:99999/0": Port out of range',
+    ),
+    ('[cache]\nbackend = "postgresql"\nurl = "mysql://db/x"', "cache.url", "postgresql://"),
+    ('[cache]\nbackend = "postgresql"\nurl = "just words"', "cache.url", "host=... dbname=..."),
+    ('[cache]\ntable = "Cache"', "cache.table", "lowercase letters, digits and '_'"),
+    ('[cache]\ntable = "1cache"', "cache.table", "not starting with a digit"),
+    ('[cache]\nprefix = ""', "cache.prefix", "1 to 64 printable characters"),
+    ('[cache]\nprefix = "a b"', "cache.prefix", "without spaces"),
+    ("[cache]\ntimeout = 0", "cache.timeout", "more than 0"),
+    ("[cache]\ntimeout = 31", "cache.timeout", "at most 30"),
     ('[cache]\npath = ""', "cache.path", "expected an absolute path"),
     ('[cache]\npath = "cache.sqlite"', "cache.path", "expected an absolute path"),
     ("[cache]\ntxt_check_interval = -1", "cache.txt_check_interval", "0 or more, got -1"),
@@ -596,6 +622,51 @@ def test_default_cache_path_for_other_users(
         monkeypatch.setenv("XDG_STATE_HOME", xdg_state_home)
     assert config.default_cache_path() == expected
     assert loads("").cache.path == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[cache]\nbackend = "redis"\nurl = "unix:///run/redis/redis.sock?db=2"',
+            ("redis", "unix:///run/redis/redis.sock?db=2", "postfix-mtasts:", 1.0),
+        ),
+        (
+            '[cache]\nbackend = "redis"\nurl = "rediss://u:pw@cache.example:6380/3"',
+            ("redis", "rediss://u:pw@cache.example:6380/3", "postfix-mtasts:", 1.0),
+        ),
+        (
+            '[cache]\nbackend = "postgresql"\nurl = "host=/run/postgresql dbname=mail"',
+            ("postgresql", "host=/run/postgresql dbname=mail", "postfix_mtasts_cache", 1.0),
+        ),
+        (
+            '[cache]\nbackend = "postgresql"\nurl = "postgres://u@db:5433/m"\ntable = "c_2"',
+            ("postgresql", "postgres://u@db:5433/m", "c_2", 1.0),
+        ),
+    ],
+)
+def test_a_shared_store_is_named_by_its_url(text: str, expected: tuple[object, ...]) -> None:
+    c = loads(text).cache
+    name = c.table if c.backend == "postgresql" else c.prefix
+    assert (c.backend, c.url, name, c.timeout) == expected
+
+
+def test_the_dump_never_shows_a_store_password() -> None:
+    for url, shown in [
+        ("redis://fleet:hunter2@cache:6379/0", "redis://fleet:***@cache:6379/0"),
+        (
+            "postgresql://u:hunter2@db/mail?sslmode=require",
+            "postgresql://u:***@db/mail?sslmode=require",
+        ),
+        (
+            "host=/run/postgresql password=hunter2 dbname=mail",
+            "host=/run/postgresql password=*** dbname=mail",
+        ),
+    ]:
+        backend = "redis" if url.startswith("redis") else "postgresql"
+        text = dump(loads(f'[cache]\nbackend = "{backend}"\nurl = "{url}"'))
+        assert "hunter2" not in text
+        assert f'url = "{shown}"' in text
 
 
 def test_dump_of_the_defaults_reads_back_equal() -> None:

@@ -53,8 +53,8 @@ __all__ = [
 # (RFC 8461 §3.3, enforced by fetch.py), so this only bounds what a damaged or tampered file can
 # make the daemon read into memory.
 MAX_POLICY_TEXT = 65536
-# The longest domain name a store accepts in a change notification (a DNS name is at most 253
-# characters): what another process sends is bounded like any input.
+# The most domain names one change notification carries (each at most 253 characters, as DNS
+# names are): what another process sends is bounded like any input.
 MAX_DOMAIN_NAMES = 1000
 # What `Watcher.wait` returns when changes may have been lost: re-read every domain.
 ALL: Final = "all"
@@ -195,6 +195,8 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "(a URL that cannot be parsed)"
+    if parts.password is None and "password=" not in parts.query.lower():
+        return url
     netloc = parts.netloc
     if parts.password is not None:
         userinfo, _, hostport = netloc.rpartition("@")
