@@ -111,9 +111,9 @@ def store_where(cache: CacheConfig) -> str:
     """The configured store as messages name it: the SQLite file, or the server's URL without
     its password and the key prefix or table."""
     if cache.backend == "redis":
-        return f"{redact_url(cache.url)} (key prefix {cache.prefix})"
+        return f'{redact_url(cache.url)} prefix "{cache.prefix}"'
     if cache.backend == "postgresql":
-        return f"{redact_url(cache.url)} (table {cache.table})"
+        return f'{redact_url(cache.url)} table "{cache.table}"'
     if cache.backend == "sqlite":
         return cache.path
     return "memory store"
