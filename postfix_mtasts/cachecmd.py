@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 import threading
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import IO, Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from postfix_mtasts import cache_rules, mtasts, postfix
 from postfix_mtasts.cache_rules import Answer, Fetch
@@ -39,8 +40,6 @@ from postfix_mtasts.config import CacheConfig, Config
 from postfix_mtasts.store import MAX_POLICY_TEXT, Entry, Store, StoreError, open_store, redact_url
 
 __all__ = [
-    "DEFAULT_JOBS",
-    "DEFAULT_RATE",
     "EXIT_OK",
     "EXIT_SOME",
     "EXIT_TROUBLE",
@@ -60,12 +59,6 @@ EXIT_SOME = 1
 # A usage or configuration error, a store that cannot be opened or reached, a file that cannot
 # be read.
 EXIT_TROUBLE = 2
-
-# `warm`: lookups at once, and lookups started per second.
-DEFAULT_JOBS = 4
-DEFAULT_RATE = 10.0
-MAX_JOBS = 64
-MAX_RATE = 1000.0
 
 # The longest mail log line read: Postfix's own lines are far shorter (its line_length_limit
 # concerns mail, not logs), and a longer one is not a delivery record of Postfix.
@@ -129,7 +122,8 @@ def _secrets(url: str) -> list[str]:
         except ValueError:
             password = None
         if password:
-            found.append(password)
+            # As written, and as a library that decoded it would quote it.
+            found += [password, unquote(password)]
     return [secret.strip("'") for secret in found if secret.strip("'")]
 
 
@@ -152,12 +146,9 @@ def _open(settings: Config, *, must_exist: bool) -> Store:
             'cache.backend is "memory": that cache lives in the daemon\'s memory only, and there'
             " is no store for this command to work on"
         )
-    if must_exist and cache.backend == "sqlite":
-        import os
-
-        if not os.path.exists(cache.path):
-            # Reading a file that is not there would create an empty cache; say so instead.
-            raise CommandError(f"{cache.path}: no cache file (the daemon has not written one yet)")
+    if must_exist and cache.backend == "sqlite" and not os.path.exists(cache.path):
+        # Reading a file that is not there would create an empty cache; say so instead.
+        raise CommandError(f"{cache.path}: no cache file (the daemon has not written one yet)")
     name = cache.prefix if cache.backend == "redis" else cache.table
     try:
         return open_store(
@@ -186,6 +177,12 @@ def run(args: argparse.Namespace, settings: Config) -> int:
         line = _store_failure(settings.cache, exc)
         print(f"postfix-mtasts cache {args.cache_command}: {line}", file=sys.stderr)
         return EXIT_TROUBLE
+    except BrokenPipeError:
+        # The reader went away (`cache list | head`): stop quietly, and keep Python from
+        # reporting the pipe again when it flushes stdout at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _domain(text: str) -> str:

@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# `cache warm`: lookups at once, and lookups started per second. (Here, with the options, so
+# that building the parser imports no lookup machinery.)
+WARM_JOBS = 4
+WARM_RATE = 10.0
+MAX_WARM_JOBS = 64
+MAX_WARM_RATE = 1000.0
+
 CACHE_EXIT_STATUSES = """\
 exit status (every subcommand):
   0  done
@@ -159,8 +166,6 @@ def _positive(kind: type[int] | type[float], top: float) -> Callable[[str], floa
 
 
 def _add_cache_parser(commands: Any) -> None:
-    from postfix_mtasts.cachecmd import DEFAULT_JOBS, DEFAULT_RATE, MAX_JOBS, MAX_RATE
-
     cache = commands.add_parser(
         "cache",
         help="list, show, forget, refresh, export, import or warm the policy cache",
@@ -254,17 +259,17 @@ def _add_cache_parser(commands: Any) -> None:
     )
     warm.add_argument(
         "--jobs",
-        type=_positive(int, MAX_JOBS),
-        default=DEFAULT_JOBS,
+        type=_positive(int, MAX_WARM_JOBS),
+        default=WARM_JOBS,
         metavar="N",
-        help=f"lookups at once (default: {DEFAULT_JOBS}, at most {MAX_JOBS})",
+        help=f"lookups at once (default: {WARM_JOBS}, at most {MAX_WARM_JOBS})",
     )
     warm.add_argument(
         "--rate",
-        type=_positive(float, MAX_RATE),
-        default=DEFAULT_RATE,
+        type=_positive(float, MAX_WARM_RATE),
+        default=WARM_RATE,
         metavar="PER_SECOND",
-        help=f"lookups started per second (default: {DEFAULT_RATE:g}, at most {MAX_RATE:g})",
+        help=f"lookups started per second (default: {WARM_RATE:g}, at most {MAX_WARM_RATE:g})",
     )
     warm.add_argument("domains", nargs="*", metavar="DOMAIN")
     cache.set_defaults(handler=_cache)
