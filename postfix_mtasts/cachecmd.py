@@ -106,7 +106,7 @@ def store_where(cache: CacheConfig) -> str:
     if cache.backend == "redis":
         return f'{redact_url(cache.url)} prefix "{cache.prefix}"'
     if cache.backend == "postgresql":
-        return f'{redact_url(cache.url)} table "{cache.table}"'
+        return f"{redact_url(cache.url)} table {cache.table}"
     if cache.backend == "sqlite":
         return cache.path
     return "memory store"
