@@ -10,8 +10,13 @@
 Equivalent settings: both answer ``testing`` policies NOTFOUND; the same fetch timeout; a cached
 policy's TXT record is rechecked after 300 s by both (ours in the background:
 ``cache.txt_check_interval``; the peer inline: ``cache_grace``, raised from its 60 s default so
-that a round of cached answers measures the cache, not a recheck); each with an in-memory and
-with a SQLite cache; logging at warning level.
+that a round of cached answers measures the cache, not a recheck); each with an in-memory, a
+SQLite, a Redis and a PostgreSQL cache (the last two on servers the harness starts, named by a
+``SharedStore``); logging at warning level.
+
+Ours runs the package of the checkout this file is in (``PYTHONPATH``), whichever checkout the
+venv's editable install points at: a git worktree sharing another checkout's venv measures its
+own code.
 
 Each daemon is a direct child (``unshare`` and ``sh`` exec into the peer's Python), so the pid
 we hold is the daemon's: /proc/<pid>/stat gives its CPU time and /proc/<pid>/status its RSS.
@@ -36,7 +41,9 @@ from bedtools import Bed
 REPO = Path(__file__).resolve().parent.parent
 OURS_BIN = REPO / ".venv" / "bin" / "postfix-mtasts"
 PEER_VERSION = "1.5.1"
-PEER_REQUIREMENT = f"postfix-mta-sts-resolver[sqlite,uvloop]=={PEER_VERSION}"
+PEER_REQUIREMENT = f"postfix-mta-sts-resolver[sqlite,redis,postgres,uvloop]=={PEER_VERSION}"
+# What the peer imports for its caches and loop (the extras above), checked in its venv.
+PEER_MODULES = ("uvloop", "aiosqlite", "redis", "asyncpg")
 DEFAULT_PEER_VENV = Path(__file__).resolve().parent / ".peer-venv"
 
 START_TIMEOUT = 20.0
@@ -117,12 +124,32 @@ class DaemonError(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class SharedStore:
+    """A Redis or PostgreSQL server a daemon keeps its cache on.
+
+    ``backend`` is ours' name for it (``cache.backend``: "redis" or "postgresql"); ours reaches it
+    at ``url`` with ``name`` as its key prefix (Redis) or table (PostgreSQL); the peer at
+    ``peer_url`` (its ``cache.options.url`` for Redis, ``dsn`` for PostgreSQL), kept apart from
+    ours (another Redis database, another PostgreSQL database)."""
+
+    backend: str
+    url: str
+    name: str
+    peer_url: str
+
+    @property
+    def peer_type(self) -> str:
+        """The peer's ``cache.type`` for this backend."""
+        return {"redis": "redis", "postgresql": "postgres"}[self.backend]
+
+
 @dataclass
 class Daemon:
     """A running daemon: which one, its port, its process, its log."""
 
     kind: str  # "ours" or "peer"
-    cache: str  # "memory" or "sqlite"
+    cache: str  # "memory", "sqlite", "redis" or "postgresql"
     port: int
     process: subprocess.Popen[bytes]
     log_path: Path
@@ -199,11 +226,17 @@ def _wait_ready(daemon: Daemon) -> None:
 # Ours.
 
 
-def ours_config(bed: Bed, port: int, cache: str, cache_path: Path | None) -> str:
+def ours_config(
+    bed: Bed, port: int, cache: str, cache_path: Path | None, store: SharedStore | None = None
+) -> str:
     j = json.dumps
     if cache == "sqlite":
         assert cache_path is not None
         cache_lines = f'backend = "sqlite"\npath = {j(str(cache_path))}'
+    elif store is not None:
+        assert store.backend == cache
+        name_key = "prefix" if cache == "redis" else "table"
+        cache_lines = f"backend = {j(cache)}\nurl = {j(store.url)}\n{name_key} = {j(store.name)}"
     else:
         cache_lines = 'backend = "memory"'
     return f"""\
@@ -233,16 +266,22 @@ testing = "notfound"
 
 
 def start_ours(
-    bed: Bed, directory: Path, cache: str, cache_path: Path | None = None, wait: bool = True
+    bed: Bed,
+    directory: Path,
+    cache: str,
+    cache_path: Path | None = None,
+    wait: bool = True,
+    store: SharedStore | None = None,
 ) -> Daemon:
     directory.mkdir(parents=True, exist_ok=True)
     if cache == "sqlite" and cache_path is None:
         cache_path = directory / "cache.sqlite"
     env = clean_env()
+    env["PYTHONPATH"] = str(REPO)
 
     def argv(port: int) -> list[str]:
         config = directory / "config.toml"
-        config.write_text(ours_config(bed, port, cache, cache_path))
+        config.write_text(ours_config(bed, port, cache, cache_path, store))
         return [str(OURS_BIN), "serve", "-c", str(config)]
 
     return _launch("ours", cache, cache_path, directory, env, argv, wait)
@@ -253,7 +292,9 @@ def start_ours(
 
 
 def ensure_peer(venv: Path) -> Path:
-    """The peer's venv, created and installed from PyPI when missing; its mta-sts-daemon."""
+    """The peer's venv, created when missing and given the peer with its extras from PyPI when
+    it lacks them (a venv of an earlier harness gets the Redis and PostgreSQL clients added); its
+    mta-sts-daemon."""
     venv = venv.absolute()
     daemon = venv / "bin" / "mta-sts-daemon"
     python = venv / "bin" / "python"
@@ -262,7 +303,7 @@ def ensure_peer(venv: Path) -> Path:
             [
                 str(python),
                 "-c",
-                "import importlib.metadata as m, uvloop, aiosqlite;"
+                f"import importlib.metadata as m, {', '.join(PEER_MODULES)};"
                 "print(m.version('postfix-mta-sts-resolver'))",
             ],
             capture_output=True,
@@ -271,7 +312,8 @@ def ensure_peer(venv: Path) -> Path:
         if probe.returncode == 0 and probe.stdout.strip() == PEER_VERSION:
             return daemon
     print(f"installing {PEER_REQUIREMENT} into {venv}", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run(
         [
             str(python),
@@ -287,10 +329,20 @@ def ensure_peer(venv: Path) -> Path:
     return daemon
 
 
-def peer_config(port: int, cache: str, cache_path: Path | None) -> str:
+def peer_config(
+    port: int, cache: str, cache_path: Path | None, store: SharedStore | None = None
+) -> str:
     if cache == "sqlite":
         assert cache_path is not None
         cache_lines = f"  type: sqlite\n  options:\n    filename: {json.dumps(str(cache_path))}\n"
+    elif store is not None:
+        assert store.backend == cache
+        # redis_cache.RedisCache hands `url` to redis.asyncio.from_url; postgres_cache.
+        # PostgresCache hands `dsn` to asyncpg.create_pool. Both keep their 5 s timeouts.
+        option = "url" if cache == "redis" else "dsn"
+        cache_lines = (
+            f"  type: {store.peer_type}\n  options:\n    {option}: {json.dumps(store.peer_url)}\n"
+        )
     else:
         # Ours keeps every domain it was asked for; the peer's LRU default is 10000.
         cache_lines = "  type: internal\n  options:\n    cache_size: 1000000\n"
@@ -314,6 +366,7 @@ def start_peer(
     cache: str,
     cache_path: Path | None = None,
     wait: bool = True,
+    store: SharedStore | None = None,
 ) -> Daemon:
     directory.mkdir(parents=True, exist_ok=True)
     if cache == "sqlite" and cache_path is None:
@@ -325,7 +378,7 @@ def start_peer(
 
     def argv(port: int) -> list[str]:
         config = directory / "config.yml"
-        config.write_text(peer_config(port, cache, cache_path))
+        config.write_text(peer_config(port, cache, cache_path, store))
         # unshare -m: a private mount namespace (propagation private), so the bind mount is seen
         # by the peer alone; sh and the peer exec in turn and keep the pid.
         return [
@@ -391,10 +444,11 @@ def start(
     directory: Path,
     cache: str,
     cache_path: Path | None = None,
+    store: SharedStore | None = None,
 ) -> Daemon:
     if kind == "ours":
-        return start_ours(bed, directory, cache, cache_path)
-    return start_peer(bed, peer_daemon, directory, cache, cache_path)
+        return start_ours(bed, directory, cache, cache_path, store=store)
+    return start_peer(bed, peer_daemon, directory, cache, cache_path, store=store)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,12 @@ The measurements (issue 5):
   4. slow neighbour: cached p99 while 50 connections wait on policy hosts that hang;
   5. scale: 100000 domains in the SQLite cache: RSS, file size, cached answers/s against 100;
   6. start-up: ``serve`` ready to answer, ``query --socketmap`` answering.
+and for a fleet sharing one cache (issue 12), on a Redis and a PostgreSQL server started for the
+run (tests/dbservers.py) only when one of these runs:
+  7. cached answers over 50 connections with the Redis and the PostgreSQL cache of each daemon;
+  8. fleet stampede: 3 daemons on one store, their clients asking the same 10 new domains at once
+     (60 connections per daemon, policy hosts answering after 200 ms): HTTPS GETs and TXT queries
+     per domain, wall time.
 """
 
 from __future__ import annotations
@@ -47,13 +53,18 @@ import bedtools  # noqa: E402
 import daemons  # noqa: E402
 import loadgen  # noqa: E402
 from bedtools import Bed  # noqa: E402
-from daemons import Daemon  # noqa: E402
+from daemons import Daemon, SharedStore  # noqa: E402
 
 REPO = HERE.parent
+# The checkout's own package first (fill_ours, the store checks), as for the daemon it starts.
+sys.path.insert(1, str(REPO))
 README = HERE / "README.md"
 RESULTS_DIR = HERE / ".results"
 KINDS = ("ours", "peer")
 CACHES = ("memory", "sqlite")
+# The shared caches of measurements 7 and 8, by ours' name for them (cache.backend).
+SHARED = ("redis", "postgresql")
+ALL_MEASUREMENTS = frozenset(range(1, 9))
 
 # Sizes of the measurements, as the issue states them.
 CACHED_DOMAINS = 100
@@ -74,6 +85,13 @@ SCALE_CONNS = 50
 # Issue 11: the hot path keeps little per domain (framed replies and a few timestamps).
 RSS_LIMIT_MB = 100.0
 STARTUP_LIMIT_S = 0.300
+# The fleet stampede: every daemon's clients send their requests at once, one per connection.
+FLEET_DAEMONS = 3
+FLEET_DOMAINS = 10
+FLEET_CONNS = 60
+FLEET_DELAY = 0.2
+# How long a daemon may take to write what it learned to a shared store (it may write behind).
+STORED_WITHIN = 10.0
 
 
 @dataclass
@@ -82,8 +100,10 @@ class Settings:
     duration: float = 2.0
     warmup: float = 0.5
     startup_rounds: int = 7
-    only: frozenset[int] = frozenset({1, 2, 3, 4, 5, 6})
-    budget: float = 900.0
+    only: frozenset[int] = ALL_MEASUREMENTS
+    # The whole run's bound: a full run's usual length (benchmarks/README.md), with room for a
+    # busy machine.
+    budget: float = 1200.0
 
 
 @dataclass
@@ -157,6 +177,7 @@ class Bench:
         say("starting the test bed (knot, unbound, HTTPS on port 443)")
         self.bed: Bed = bedtools.start_bed(workdir / "bed")
         self._running: list[Daemon] = []
+        self._servers: SharedServers | None = None
         self._counter = 0
         self.cached_labels = [f"bc{i:03d}" for i in range(CACHED_DOMAINS)]
         self.cached_keys = [bedtools.domain(label) for label in self.cached_labels]
@@ -178,14 +199,33 @@ class Bench:
                 for i in range(HANG_CONNS):
                     label = f"bh-{kind}-{cache}-{i}"
                     pairs.append((label, bedtools.policy_response(label, hang=True)))
+            for backend in SHARED:
+                for r in range(self.s.rounds):
+                    for label in self._fleet_labels(kind, backend, r):
+                        pairs.append((label, bedtools.policy_response(label, delay=FLEET_DELAY)))
         bedtools.publish(self.bed, pairs)
         say(f"published {len(pairs)} test domains in {time.monotonic() - started:.1f}s")
+
+    @staticmethod
+    def _fleet_labels(kind: str, backend: str, round_: int) -> list[str]:
+        return [f"bfl-{kind}-{backend}-{round_}-{i}" for i in range(FLEET_DOMAINS)]
 
     def close(self) -> None:
         for daemon in self._running:
             daemon.stop()
         self._running.clear()
-        self.bed.stop()
+        try:
+            self.bed.stop()
+        finally:
+            if self._servers is not None:
+                self._servers.close()
+
+    def servers(self) -> SharedServers:
+        """The Redis and PostgreSQL servers, started on first use (once per run)."""
+        if self._servers is None:
+            say("starting redis-server and PostgreSQL (tests/dbservers.py)")
+            self._servers = SharedServers()
+        return self._servers
 
     # helpers ------------------------------------------------------------------------------------
 
@@ -197,10 +237,22 @@ class Bench:
         self._counter += 1
         return self.workdir / "daemons" / f"{self._counter:03d}-{name}"
 
-    def start(self, kind: str, cache: str, cache_path: Path | None = None) -> Daemon:
+    def start(
+        self,
+        kind: str,
+        cache: str,
+        cache_path: Path | None = None,
+        store: SharedStore | None = None,
+    ) -> Daemon:
         self.check_budget()
         daemon = daemons.start(
-            kind, self.bed, self.peer_daemon, self._dir(f"{kind}-{cache}"), cache, cache_path
+            kind,
+            self.bed,
+            self.peer_daemon,
+            self._dir(f"{kind}-{cache}"),
+            cache,
+            cache_path,
+            store=store,
         )
         self._running.append(daemon)
         return daemon
@@ -262,13 +314,15 @@ class Bench:
                         # Alternate the daemons round by round, so drift hits both alike.
                         for daemon in (ours, peer):
                             runs[daemon.kind].append(self.timed(daemon, self.cached_keys, conns))
-                    self._cached_rows(cache, conns, runs)
+                    self._cached_rows(1, cache, conns, runs)
             finally:
                 self.stop(ours)
                 self.stop(peer)
 
-    def _cached_rows(self, cache: str, conns: int, runs: dict[str, list[loadgen.Result]]) -> None:
-        section = f"1. cached, {cache}, {conns} conn{'s' if conns > 1 else ''}"
+    def _cached_rows(
+        self, number: int, cache: str, conns: int, runs: dict[str, list[loadgen.Result]]
+    ) -> None:
+        section = f"{number}. cached, {cache}, {conns} conn{'s' if conns > 1 else ''}"
         rps = {k: median([r.rps for r in runs[k]]) for k in KINDS}
         cpu = {k: median([r.cpu_us_per_request for r in runs[k]]) for k in KINDS}
         p50 = {k: median([r.p50_us / 1000 for r in runs[k]]) for k in KINDS}
@@ -636,6 +690,225 @@ class Bench:
             )
         )
 
+    # 7. cached answers on a shared store ------------------------------------------------------
+
+    def cached_shared(self) -> None:
+        say("7. cached answers, Redis and PostgreSQL caches")
+        servers = self.servers()
+        for backend in SHARED:
+            store = servers.store(backend, "cached")
+            ours = self.start("ours", backend, store=store)
+            peer = self.start("peer", backend, store=store)
+            try:
+                for daemon in (ours, peer):
+                    self.warm(daemon, self.cached_keys)
+                    # Answers from a daemon that could not use the store would measure memory.
+                    servers.check_stored(daemon, store, self.cached_keys)
+                runs: dict[str, list[loadgen.Result]] = {k: [] for k in KINDS}
+                for _ in range(self.s.rounds):
+                    for daemon in (ours, peer):
+                        runs[daemon.kind].append(
+                            self.timed(daemon, self.cached_keys, HEADLINE_CONNS)
+                        )
+                self._cached_rows(7, backend, HEADLINE_CONNS, runs)
+            finally:
+                self.stop(ours)
+                self.stop(peer)
+
+    # 8. fleet stampede --------------------------------------------------------------------------
+
+    def fleet_stampede(self) -> None:
+        say(f"8. fleet stampede: {FLEET_DAEMONS} daemons on one Redis / PostgreSQL store")
+        servers = self.servers()
+        total = FLEET_DAEMONS * FLEET_CONNS
+        for backend in SHARED:
+            store = servers.store(backend, "fleet")
+            gets: dict[str, list[int]] = {k: [] for k in KINDS}
+            txt: dict[str, list[int]] = {k: [] for k in KINDS}
+            walls: dict[str, list[float]] = {k: [] for k in KINDS}
+            oks: dict[str, list[int]] = {k: [] for k in KINDS}
+            for kind in KINDS:
+                fleet: list[Daemon] = []
+                try:
+                    for _ in range(FLEET_DAEMONS):
+                        fleet.append(self.start(kind, backend, store=store))
+                    for r in range(self.s.rounds):
+                        self.check_budget()
+                        names = [bedtools.domain(x) for x in self._fleet_labels(kind, backend, r)]
+                        results = self._fleet_round(fleet, names)
+                        # Counted after txt_queries' pause: a GET made after the answers counts.
+                        counts = bedtools.txt_queries(self.bed, names)
+                        round_gets = [self.bed.https.request_count(f"mta-sts.{n}") for n in names]
+                        servers.check_stored(fleet[0], store, names)
+                        gets[kind] += round_gets
+                        txt[kind] += [counts[n] for n in names]
+                        # The clients that waited longest: first request to last answer.
+                        walls[kind].append(max(result.elapsed for result in results))
+                        oks[kind].append(sum(result.ok for result in results))
+                        self.report.details[f"fleet-{backend}-{kind}-{r}"] = {
+                            "results": [asdict(result) for result in results],
+                            "https_gets": dict(zip(names, round_gets, strict=True)),
+                            "txt_queries": counts,
+                        }
+                finally:
+                    for daemon in fleet:
+                        self.stop(daemon)
+            section = f"8. fleet stampede, {backend}, {FLEET_DAEMONS} daemons"
+            all_ok = all(ok == total for ok in oks["ours"])
+            asked = total // FLEET_DOMAINS
+            self.report.add(
+                Row(
+                    section,
+                    "HTTPS GETs per domain (max of rounds)",
+                    float(max(gets["ours"])),
+                    float(max(gets["peer"])),
+                    target="exactly 1, all OK",
+                    holds=all(n == 1 for n in gets["ours"]) and all_ok,
+                    note=f"{FLEET_DOMAINS} new domains, each asked {asked} times at once over the"
+                    f" {FLEET_DAEMONS} daemons",
+                )
+            )
+            self.report.add(
+                Row(
+                    section,
+                    "TXT queries per domain (max of rounds)",
+                    float(max(txt["ours"])),
+                    float(max(txt["peer"])),
+                )
+            )
+            self.report.add(
+                Row(
+                    section,
+                    "wall s, first request to last answer",
+                    median(walls["ours"]),
+                    median(walls["peer"]),
+                    fmt="{:.2f}",
+                    note=f"{total} requests; policy hosts answer after {FLEET_DELAY * 1000:.0f} ms",
+                )
+            )
+            self.report.add(
+                Row(
+                    section,
+                    f"OK answers of {total} (min of rounds)",
+                    float(min(oks["ours"])),
+                    float(min(oks["peer"])),
+                )
+            )
+
+    def _fleet_round(self, fleet: Sequence[Daemon], names: Sequence[str]) -> list[loadgen.Result]:
+        """Every daemon's clients ask for ``names`` at the same moment, one request per
+        connection, each name on FLEET_CONNS / len(names) connections of every daemon."""
+        keys = [names[i % len(names)] for i in range(FLEET_CONNS)]
+        started = []
+        try:
+            for daemon in fleet:
+                started.append(self.load.start(daemon.port, keys, conns=FLEET_CONNS, timeout=60))
+            results = [self.load.finish(process, timeout=90) for process in started]
+        finally:
+            for process in started:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        for daemon, result in zip(fleet, results, strict=True):
+            if result.errors or result.connect_failures:
+                raise RuntimeError(
+                    f"{daemon.kind}/{daemon.cache}: fleet round failed: {result}; its log:\n"
+                    f"{daemon.log()}"
+                )
+        return results
+
+
+# --------------------------------------------------------------------------------------------------
+# The Redis and PostgreSQL servers of measurements 7 and 8.
+
+
+class SharedServers:
+    """One redis-server and one PostgreSQL cluster of tests/dbservers.py, on loopback in temporary
+    directories. Ours and the peer keep apart: on Redis ours uses database 0 (under a key prefix)
+    and the peer database 1 (its keys are bare domain names); on PostgreSQL ours uses the database
+    ``mtasts`` (a table per measurement) and the peer a database of its own (fixed table names)."""
+
+    PEER_DATABASE = "peer"
+
+    def __init__(self) -> None:
+        import dbservers  # tests/, put on the path by bedtools
+
+        self.redis = dbservers.RedisServer()
+        self.postgres = dbservers.PostgresServer()
+        try:
+            self.redis.start()
+            self.postgres.start()
+            self.postgres.psql(f"CREATE DATABASE {self.PEER_DATABASE}")
+        except BaseException:
+            self.close()
+            raise
+
+    def store(self, backend: str, name: str) -> SharedStore:
+        """Where a measurement's daemons keep their cache; ``name`` sets ours apart per
+        measurement (the peer's layout has no prefix or table name to set)."""
+        if backend == "redis":
+            return SharedStore(
+                backend,
+                self.redis.url,
+                f"bench-{name}:",
+                f"redis://127.0.0.1:{self.redis.port}/1",
+            )
+        return SharedStore(
+            backend,
+            self.postgres.url,
+            f"bench_{name}",
+            f"postgresql://postgres@127.0.0.1:{self.postgres.port}/{self.PEER_DATABASE}",
+        )
+
+    def stored(self, kind: str, store: SharedStore, names: Sequence[str]) -> int:
+        """How many of ``names`` the daemons of ``kind`` hold in ``store``."""
+        if kind == "ours":
+            from postfix_mtasts.store import open_store
+
+            ours = open_store(store.backend, "", url=store.url, name=store.name, timeout=5.0)
+            try:
+                return sum(ours.get(name) is not None for name in names)
+            finally:
+                ours.close()
+        if store.backend == "redis":
+            import redis
+
+            client = redis.Redis.from_url(
+                store.peer_url, socket_timeout=5, socket_connect_timeout=5
+            )
+            try:
+                return int(client.exists(*names))
+            finally:
+                client.close()
+        import psycopg
+
+        with psycopg.connect(store.peer_url, connect_timeout=5) as db:
+            row = db.execute(
+                "SELECT count(*) FROM sts_policy_cache WHERE domain = ANY(%s)", (list(names),)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def check_stored(self, daemon: Daemon, store: SharedStore, names: Sequence[str]) -> None:
+        """Raise unless the store holds every one of ``names`` within STORED_WITHIN seconds."""
+        deadline = time.monotonic() + STORED_WITHIN
+        while True:
+            held = self.stored(daemon.kind, store, names)
+            if held == len(names):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{daemon.kind}/{daemon.cache}: the {store.backend} store holds {held} of the"
+                    f" {len(names)} domains answered, {STORED_WITHIN:.0f}s after; its log:\n"
+                    f"{daemon.log()}"
+                )
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        try:
+            self.redis.cleanup()
+        finally:
+            self.postgres.cleanup()
+
 
 # --------------------------------------------------------------------------------------------------
 # Filling the SQLite caches for measurement 5.
@@ -798,7 +1071,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per cached round")
     parser.add_argument(
-        "--only", default="1,2,3,4,5,6", help="measurements to run, e.g. 1,3 (default: all)"
+        "--only",
+        default=",".join(str(n) for n in sorted(ALL_MEASUREMENTS)),
+        help="measurements to run, e.g. 1,3 or 7,8 (default: all)",
     )
     parser.add_argument(
         "--peer-venv", type=Path, default=daemons.DEFAULT_PEER_VENV, help="the peer's venv"
@@ -807,7 +1082,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--update-readme",
         action="store_true",
-        help="write the table into benchmarks/README.md and its target rows into README.md",
+        help="write the table into benchmarks/README.md and its target rows into README.md"
+        " (a full run only: the table is replaced as a whole)",
     )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -818,11 +1094,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not 1 <= args.rounds <= 20 or not 0.5 <= args.duration <= 30:
         parser.error("--rounds 1..20, --duration 0.5..30")
-    settings = Settings(
-        rounds=args.rounds,
-        duration=args.duration,
-        only=frozenset(int(x) for x in args.only.split(",") if x.strip()),
-    )
+    try:
+        only = frozenset(int(x) for x in args.only.split(",") if x.strip())
+    except ValueError:
+        parser.error(f"--only: expected numbers 1..8 separated by commas, got {args.only!r}")
+    if not only or not only <= ALL_MEASUREMENTS:
+        parser.error(f"--only: expected numbers 1..8 separated by commas, got {args.only!r}")
+    if args.update_readme and only != ALL_MEASUREMENTS:
+        parser.error("--update-readme writes the whole table: run every measurement (no --only)")
+    settings = Settings(rounds=args.rounds, duration=args.duration, only=only)
     workdir = Path(tempfile.mkdtemp(prefix="postfix-mtasts-bench-", dir="/var/tmp"))
     info = machine()
     info["rounds"] = str(settings.rounds)
@@ -837,6 +1117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         (4, Bench.slow_neighbour),
         (5, Bench.scale),
         (6, Bench.startup),
+        (7, Bench.cached_shared),
+        (8, Bench.fleet_stampede),
     ]
     try:
         bench = Bench(settings, workdir, args.peer_venv)

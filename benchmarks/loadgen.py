@@ -141,7 +141,8 @@ class LoadGen:
     def start(
         self, port: int, keys: Sequence[str], *, conns: int, timeout: float
     ) -> subprocess.Popen[str]:
-        """A ``--once`` run in the background (the harness stops it, or it ends at ``timeout``)."""
+        """A ``--once`` run in the background (the harness stops it, or it ends at ``timeout``;
+        ``finish`` collects its result)."""
         argv = self.argv(port, keys, conns=conns, once=True, timeout=timeout)
         return subprocess.Popen(
             argv,
@@ -150,3 +151,17 @@ class LoadGen:
             stdin=subprocess.DEVNULL,
             text=True,
         )
+
+    @staticmethod
+    def finish(process: subprocess.Popen[str], timeout: float) -> Result:
+        """The result of a run begun with ``start``, waiting for it up to ``timeout`` seconds
+        (killed past that)."""
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise RuntimeError(f"loadgen did not finish within {timeout:.0f}s") from None
+        if process.returncode != 0:
+            raise RuntimeError(f"loadgen failed ({process.returncode}): {err.strip()}")
+        return Result(**json.loads(out))

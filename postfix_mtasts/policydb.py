@@ -32,11 +32,14 @@ import functools
 import heapq
 import logging
 import math
+import os
+import secrets
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from postfix_mtasts import cache_rules, mtasts
 from postfix_mtasts.cache_rules import Answer, Decision, Fetch, Note, Outcome, Plan
@@ -44,7 +47,7 @@ from postfix_mtasts.config import CacheConfig
 from postfix_mtasts.fetch import Fetcher
 from postfix_mtasts.lookups import SingleFlight
 from postfix_mtasts.resolver import AddressOutcome, DNSFailure, LocalError, Resolver
-from postfix_mtasts.store import Entry, Store, StoreError
+from postfix_mtasts.store import ALL, Entry, Store, StoreError, Watcher
 
 __all__ = ["Decision", "PolicyDB"]
 
@@ -66,6 +69,21 @@ REPLY_NAMES = 4
 # Last-used times are kept to this precision: one float object shared by the domains used within
 # it, rather than one per domain.
 USED_PRECISION = 1.0
+# A store that failed to answer (an error, or no answer within cache.timeout) is not asked again
+# for this long: meanwhile every read counts as "cannot be read" at once, so that a dead server
+# costs a request nothing, not one timeout each.
+STORE_RETRY_INTERVAL = 5.0
+# How long one daemon of a fleet holds the lease on a domain it looks up (the others wait for its
+# result): longer than a lookup takes with the default timeouts (DNS lifetime 10 s, then the HTTPS
+# connection and fetch within 15 s), short enough that a crashed holder delays the domain little.
+LEASE_SECONDS = 60.0
+# A daemon waiting for another's lookup reads the store again at least this often, in case the
+# change notification was lost.
+LEASE_POLL_INTERVAL = 1.0
+# Domains read again per store round when a watcher reports that every domain may have changed.
+REREAD_BATCH = 200
+
+_T = TypeVar("_T")
 
 
 class _Slot:
@@ -228,6 +246,20 @@ class PolicyDB:
         self._used_at = -math.inf
         self._store_reads = _Outage("cannot read the cache")
         self._store_writes = _Outage("cannot write the cache")
+        # The store failed lately: not asked again before this time (time.monotonic()).
+        self._store_down_until = -math.inf
+        self._store_down_cause = ""
+        # Sharing the store with other daemons: this daemon's name on leases, the lookups that
+        # wait for another daemon's result, the watcher of their changes and its thread.
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._awaiting: dict[str, asyncio.Future[None]] = {}
+        self._watch_stop = threading.Event()
+        self._watcher: Watcher | None = None
+        self._watch_thread: threading.Thread | None = None
+        self._writing_back: asyncio.Task[None] | None = None
+        self._rereading: asyncio.Task[None] | None = None
+        self._reread: set[str] = set()
+        self._watch_outage = _Outage("cannot watch the cache for other daemons' changes")
         self._local = _Outage("lookups fail for want of local resources")
         self._shrunk_at = -math.inf
         # Counters for statistics and tests.
@@ -340,20 +372,17 @@ class PolicyDB:
 
     async def _read_back(self, domain: str, slot: _Slot) -> Decision:
         """The decision behind the replies held for ``domain``, as the store holds it."""
-        loop = asyncio.get_running_loop()
-        deadline = self.settings.first_lookup_deadline
         recover = functools.partial(self._recover, domain, slot.policy, slot.valid_until)
         if self.store.instant:
             decision = recover()
-            if decision is not None:
-                return cache_rules.unexpired(decision, self._clock())
-            return await self._ask(domain, self._slots.get(domain))
-        try:
-            decision = await asyncio.wait_for(
-                loop.run_in_executor(self._store_pool, recover), deadline
-            )
-        except TimeoutError:
-            return self._deferred(domain, f"the cache did not answer within {deadline:.0f}s")
+        else:
+            try:
+                decision = await self._store_call(self._store_reads, recover)
+            except StoreError as exc:
+                if slot.policy:
+                    # A policy in force is never given up for want of the store (§5).
+                    return self._deferred(domain, str(exc))
+                decision = None
         if decision is None:
             # The store no longer holds that answer (or cannot be read): what the rules make of
             # what it holds now; a policy in force is never given up for want of it (_fallback).
@@ -362,16 +391,63 @@ class PolicyDB:
 
     def _recover(self, domain: str, policy: bool, valid_until: float) -> Decision | None:
         """In the store's threads: the decision answered from memory, as the store (or the
-        entry memory keeps for it) holds it; None when it holds something else or nothing."""
+        entry memory keeps for it) holds it; None when it holds something else or nothing.
+        Raises StoreError when the store cannot be read."""
         entry = self._unsaved.get(domain)
         if entry is None:
-            try:
-                entry = self._load(domain)
-            except StoreError:
-                return None
+            entry = self._load(domain)
         if entry is None:
             return None
         return cache_rules.held_decision(domain, entry, policy, valid_until)
+
+    async def _store_call(self, outage: _Outage, call: Callable[..., _T], *args: Any) -> _T:
+        """``call(*args)`` in the store's threads, bounded by ``cache.timeout``. A store that
+        failed within the last STORE_RETRY_INTERVAL seconds is not asked: StoreError at once.
+        A failure is logged through ``outage`` (once per outage) and raised as StoreError."""
+        now = time.monotonic()
+        if now < self._store_down_until:
+            raise StoreError(self._store_down_cause)
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.timeout
+        try:
+            result = await asyncio.wait_for(
+                loop.run_in_executor(self._store_pool, call, *args), timeout
+            )
+        except TimeoutError:
+            cause = f"{self.store.where}: no answer within {timeout:g}s"
+            self._store_down(cause)
+            outage.failed(cause, "answering without it")
+            raise StoreError(cause) from None
+        except StoreError as exc:
+            self._store_down(str(exc))
+            raise
+        if self._store_down_cause:
+            self._store_back()
+        return result
+
+    def _store_down(self, cause: str) -> None:
+        self._store_down_until = time.monotonic() + STORE_RETRY_INTERVAL
+        self._store_down_cause = f"{cause} (not asked again for {STORE_RETRY_INTERVAL:g}s)"
+
+    def _store_back(self) -> None:
+        """The store answers again: write back what was learnt meanwhile."""
+        self._store_down_cause = ""
+        if self._unsaved and (self._writing_back is None or self._writing_back.done()):
+            self._writing_back = asyncio.get_running_loop().create_task(self._write_back())
+
+    async def _write_back(self) -> None:
+        unsaved = [e for d, e in self._unsaved.items() if d not in self._lookups]
+        if not unsaved:
+            return
+        try:
+            saved = await self._store_call(self._store_writes, self._save_unsaved, unsaved)
+        except StoreError:
+            return
+        for entry in saved:
+            if self._unsaved.get(entry.domain) is entry:
+                del self._unsaved[entry.domain]
+        if saved:
+            log.info("wrote %d entries learnt while the cache could not be written", len(saved))
 
     def _answer(self, result: _Result) -> Decision:
         # A lookup that straddled the expiry of the policy it kept must not hand it out (§5).
@@ -462,49 +538,108 @@ class PolicyDB:
         one whose decision memory dropped, in which case ``held`` is its expiry). The
         store is read first (or the entry memory keeps because the store could not take it), and
         an unexpired policy found there is the answer at once (the network check follows in the
-        background). The network part waits for its turn (``max_lookups``). The store is read
-        and written in the thread pool, and so is the HTTPS fetch; the DNS queries (the TXT
-        record, the policy host's IPv4 addresses) are asked from the event loop, where they cost
-        no thread hand-off.
+        background). On a store shared by a fleet, one daemon looks the domain up (it holds the
+        store's lease on it) and the others wait for its result (:meth:`_leave_it`). The network
+        part waits for its turn (``max_lookups``). The store is read and written in its threads,
+        within ``cache.timeout``; the HTTPS fetch runs in the lookup threads; the DNS queries (the
+        TXT record, the policy host's IPv4 addresses) are asked from the event loop, where they
+        cost no thread hand-off.
         """
         loop = asyncio.get_running_loop()
-        unsaved = self._unsaved.get(domain)
-        if self.store.instant:
-            plan = self._consult(domain, current, unsaved, held)
-        else:
-            plan = await loop.run_in_executor(
-                self._store_pool, self._consult, domain, current, unsaved, held
-            )
+        plan = await self._plan(domain, current, held)
         if isinstance(plan, Answer):
-            return _Result(plan, unsaved is None)
-        # A check behind an answer in force waits as long as it takes; a lookup someone waits
-        # for (nothing in force, or only an expired policy) only as long as they wait.
+            return _Result(plan, domain not in self._unsaved)
         now = self._clock()
         background = cache_rules.in_force(current, now) or (held is not None and held > now)
-        turns = self._turns
-        await self._take_turn(domain, turns, background)
+        leased = False
+        if self.store.shared and not plan.unread:
+            while not (leased := await self._lease(domain)):
+                # Another daemon looks it up: its result reaches the store, and this daemon.
+                plan = await self._leave_it(domain, current, held)
+                if isinstance(plan, Answer):
+                    return _Result(plan, True)
+                if plan.unread:
+                    break
         try:
-            started = time.monotonic()
-            self.network_lookups += 1
-            record: mtasts.Record | mtasts.MTASTSError
+            # A check behind an answer in force waits as long as it takes; a lookup someone
+            # waits for (nothing in force, or only an expired policy) only as long as they wait.
+            turns = self._turns
+            await self._take_turn(domain, turns, background)
             try:
-                record, _ = await mtasts.lookup_record_async(domain, self.resolver)
-            except mtasts.MTASTSError as exc:
-                record = exc
-            step = cache_rules.after_record(domain, plan, record, self.settings)
-            ipv4: AddressOutcome = None
-            if isinstance(step, Fetch):
+                started = time.monotonic()
+                self.network_lookups += 1
+                record: mtasts.Record | mtasts.MTASTSError
                 try:
-                    ipv4 = await self.resolver.ipv4_async(mtasts.policy_host(domain))
-                except DNSFailure as exc:
-                    ipv4 = exc
-            result = await loop.run_in_executor(
-                self._pool, self._conclude, domain, plan, step, ipv4, started
-            )
+                    record, _ = await mtasts.lookup_record_async(domain, self.resolver)
+                except mtasts.MTASTSError as exc:
+                    record = exc
+                step = cache_rules.after_record(domain, plan, record, self.settings)
+                ipv4: AddressOutcome = None
+                if isinstance(step, Fetch):
+                    try:
+                        ipv4 = await self.resolver.ipv4_async(mtasts.policy_host(domain))
+                    except DNSFailure as exc:
+                        ipv4 = exc
+                outcome = await loop.run_in_executor(
+                    self._pool, self._conclude, domain, plan, step, ipv4, started
+                )
+            finally:
+                turns.release()
+            self._local.succeeded()
+            saved = await self._save_async(outcome.entry)
         finally:
-            turns.release()
-        self._local.succeeded()
-        return result
+            if leased:
+                with contextlib.suppress(StoreError):
+                    await self._store_call(
+                        self._store_writes, self.store.release, domain, self._holder
+                    )
+        return _Result(cache_rules.expire(outcome, self._clock()), saved)
+
+    async def _plan(
+        self, domain: str, current: Decision | None, held: float | None
+    ) -> Answer | Plan:
+        """What the rules make of what the store (or memory) holds for ``domain``."""
+        unsaved = self._unsaved.get(domain)
+        if self.store.instant:
+            return self._consult(domain, current, unsaved, held)
+        entry, unread = unsaved, ""
+        if entry is None:
+            try:
+                entry = await self._store_call(self._store_reads, self._load, domain)
+            except StoreError as exc:
+                unread = str(exc)
+        return self._judge(domain, current, entry, unread, held)
+
+    async def _lease(self, domain: str) -> bool:
+        """Whether this daemon may look ``domain`` up: it holds the store's lease on it, or the
+        store cannot say (a store outage never stops a lookup)."""
+        try:
+            return await self._store_call(
+                self._store_reads, self.store.lease, domain, self._holder, LEASE_SECONDS
+            )
+        except StoreError:
+            return True
+
+    async def _leave_it(
+        self, domain: str, current: Decision | None, held: float | None
+    ) -> Answer | Plan:
+        """Wait until another daemon's lookup of ``domain`` changes its entry (its notification
+        comes, or LEASE_POLL_INTERVAL passes), then read the store again."""
+        waiter = self._awaiting.get(domain)
+        if waiter is None or waiter.done():
+            waiter = self._awaiting[domain] = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), LEASE_POLL_INTERVAL)
+        except TimeoutError:
+            pass
+        finally:
+            if self._awaiting.get(domain) is waiter and waiter.done():
+                del self._awaiting[domain]
+        plan = await self._plan(domain, current, held)
+        if isinstance(plan, Answer) and plan.check:
+            # What the other daemon left is due for a check already: not this one's to make now.
+            plan = replace(plan, check=False)
+        return plan
 
     async def _take_turn(self, domain: str, turns: asyncio.Semaphore, background: bool) -> None:
         """Wait until fewer than ``max_lookups`` lookups run. A lookup someone waits for gives up
@@ -534,7 +669,7 @@ class PolicyDB:
     def _consult(
         self, domain: str, current: Decision | None, unsaved: Entry | None, held: float | None
     ) -> Answer | Plan:
-        """In the store's threads: what the rules make of what the store (or memory) holds."""
+        """What the rules make of what an instant store (or memory) holds."""
         unread = ""
         entry = unsaved
         if entry is None:
@@ -542,6 +677,18 @@ class PolicyDB:
                 entry = self._load(domain)
             except StoreError as exc:
                 unread = str(exc)
+        return self._judge(domain, current, entry, unread, held)
+
+    def _judge(
+        self,
+        domain: str,
+        current: Decision | None,
+        entry: Entry | None,
+        unread: str,
+        held: float | None,
+    ) -> Answer | Plan:
+        """What the rules make of ``entry``, read from the store or memory (``unread``: why the
+        store could not be read)."""
         if held is not None:
             current = (
                 None if entry is None else cache_rules.held_decision(domain, entry, True, held)
@@ -561,9 +708,8 @@ class PolicyDB:
         step: Outcome | Fetch,
         ipv4: AddressOutcome,
         started: float,
-    ) -> _Result:
-        """In the lookup threads: the fetch when the rules asked for it, then the new entry into
-        the store."""
+    ) -> Outcome:
+        """In the lookup threads: the fetch when the rules asked for it, and the outcome."""
         outcome = step
         if isinstance(step, Fetch):
             fetched: tuple[mtasts.Policy, str] | mtasts.MTASTSError
@@ -578,8 +724,16 @@ class PolicyDB:
             raise LocalError(outcome.defer)
         elapsed = (time.monotonic() - started) * 1000
         log.info("%s: %s (%.0f ms)", domain, outcome.summary, elapsed)
-        saved = self._save(outcome.entry)
-        return _Result(cache_rules.expire(outcome, self._clock()), saved)
+        return outcome
+
+    async def _save_async(self, entry: Entry) -> bool:
+        """Write ``entry`` (within cache.timeout); False when the store did not take it."""
+        if self.store.instant:
+            return self._save(entry)
+        try:
+            return await self._store_call(self._store_writes, self._save, entry)
+        except StoreError:
+            return False
 
     # ---------------------------------------------------------------------------------------------
     # The store. Its failures cost lookups, never answers (a domain the network says nothing
@@ -652,9 +806,17 @@ class PolicyDB:
     # Maintenance: last-used times, proactive refresh, removal of unused entries.
 
     def start(self) -> None:
-        """Start the periodic maintenance task (call from the running loop)."""
+        """Start the periodic maintenance task, and on a shared store the watcher of the other
+        daemons' changes (call from the running loop)."""
+        loop = asyncio.get_running_loop()
         if self._maintenance is None:
-            self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+            self._maintenance = loop.create_task(self._maintain())
+        if self.store.shared and self._watch_thread is None:
+            self._watch_stop.clear()
+            self._watch_thread = threading.Thread(
+                target=self._watch, args=(loop,), name="cache-watcher", daemon=True
+            )
+            self._watch_thread.start()
 
     async def close(self) -> None:
         if self._maintenance is not None:
@@ -662,9 +824,13 @@ class PolicyDB:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
             self._maintenance = None
+        self._stop_watching()
         await self.flush()
         for job in self._lookups.jobs():
             job.cancel()
+        for task in (self._writing_back, self._rereading):
+            if task is not None:
+                task.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._store_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -676,14 +842,149 @@ class PolicyDB:
         used = {d: slot.last_used for d, slot in self._slots.items() if slot.last_used >= since}
         if not used:
             return
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._store_pool, self.store.touch, used)
+            failure = await self._store_call(self._store_writes, self._touch, used)
         except StoreError as exc:
+            failure = str(exc)
+        if failure:
             self._flushed_at = since
-            self._store_writes.failed(str(exc), "last-used times are kept in memory")
+            self._store_writes.failed(failure, "last-used times are kept in memory")
         else:
             self._store_writes.succeeded()
+
+    def _touch(self, used: dict[str, float]) -> str:
+        """In the store's threads: write last-used times; the failure, if any (a store that
+        cannot be written may still be read: this is not an outage of reading)."""
+        try:
+            self.store.touch(used)
+        except StoreError as exc:
+            return str(exc)
+        return ""
+
+    # ---------------------------------------------------------------------------------------------
+    # A store shared by a fleet: the other daemons' changes.
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The watcher thread: hands the domains other daemons changed to the loop
+        (:meth:`changed`). A watcher that could not be made, or lost its connection, is made or
+        reconnected again every STORE_RETRY_INTERVAL seconds; changes missed meanwhile count as
+        a change of every domain."""
+        missed = False
+        while not self._watch_stop.is_set():
+            try:
+                if self._watcher is None:
+                    self._watcher = self.store.watch()
+                    if missed:
+                        self._report(loop, ALL)
+                changes = self._watcher.wait(1.0)
+            except StoreError as exc:
+                if self._watch_stop.is_set():
+                    break
+                self._watch_outage.failed(
+                    str(exc), "changes other daemons make reach this one later"
+                )
+                missed = True
+                self._watch_stop.wait(STORE_RETRY_INTERVAL if self._watcher is None else 0.5)
+                continue
+            except Exception:
+                log.exception("the cache watcher failed; restarting it")
+                missed = True
+                self._close_watcher()
+                self._watch_stop.wait(STORE_RETRY_INTERVAL)
+                continue
+            self._watch_outage.succeeded()
+            missed = False
+            if changes:
+                self._report(loop, changes)
+        self._close_watcher()
+
+    def _report(self, loop: asyncio.AbstractEventLoop, changes: frozenset[str] | str) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed
+            loop.call_soon_threadsafe(self.changed, changes)
+
+    def _close_watcher(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            with contextlib.suppress(Exception):
+                watcher.close()
+
+    def _stop_watching(self) -> None:
+        if self._watch_thread is None:
+            return
+        self._watch_stop.set()
+        self._close_watcher()
+        self._watch_thread.join(timeout=self.settings.timeout + 2.0)
+        self._watch_thread = None
+
+    def changed(self, domains: Iterable[str] | str) -> None:
+        """Other daemons changed the entries of ``domains`` (``ALL``: perhaps of every domain):
+        the domains held in memory are read from the store again, and lookups waiting for
+        another daemon's result are woken. Call from the loop."""
+        if domains == ALL:
+            wanted: Iterable[str] = list(self._slots)
+            # The watcher reached the store again: so can the rest.
+            self._store_down_until = -math.inf
+            self._store_back()
+        else:
+            wanted = domains
+        for domain in wanted:
+            waiter = self._awaiting.pop(domain, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            if domain in self._slots:
+                self._reread.add(domain)
+        if self._reread and (self._rereading is None or self._rereading.done()):
+            self._rereading = asyncio.get_running_loop().create_task(self._read_again())
+
+    async def _read_again(self) -> None:
+        """Read the entries of the domains in ``_reread`` from the store and answer from them."""
+        while self._reread:
+            batch = [self._reread.pop() for _ in range(min(REREAD_BATCH, len(self._reread)))]
+            try:
+                entries = await self._store_call(self._store_reads, self._load_many, batch)
+            except StoreError:
+                # The watcher reports every domain again once the store is back.
+                self._reread.clear()
+                return
+            for domain, entry in entries:
+                self._adopt(domain, entry)
+
+    def _load_many(self, domains: list[str]) -> list[tuple[str, Entry | None]]:
+        return [(domain, self._load(domain)) for domain in domains]
+
+    def _adopt(self, domain: str, entry: Entry | None) -> None:
+        """Answer ``domain`` from ``entry``, as another daemon left it in the store."""
+        slot = self._slots.get(domain)
+        if slot is None or domain in self._lookups:
+            # Not held (read from the store when asked), or being looked up (whose result is
+            # at least as new).
+            return
+        now = self._clock()
+        in_force = slot.policy and now < slot.valid_until
+        if entry is None:
+            if domain in self._unsaved:
+                return  # learnt here and not yet written: the store's lack of it is no news
+            # Forgotten (`postfix-mtasts cache forget`): looked up afresh when next asked.
+            del self._slots[domain]
+            log.info("%s: removed from the shared cache; looked up again when asked", domain)
+            return
+        if in_force and (
+            entry.policy_text is None
+            or entry.expires_at is None
+            or entry.expires_at < slot.valid_until
+        ):
+            # Only a newer fetched policy replaces a policy in force (RFC 8461 §5): not an entry
+            # without one, nor an older one written late.
+            return
+        self._unsaved.pop(domain, None)
+        found = cache_rules.consult(domain, entry, None, now, self.settings, "")
+        if isinstance(found, Answer):
+            decision = found.decision
+            if decision.parsed is not None:
+                decision = replace(decision, parsed=None)
+            slot.update(decision, found.valid_until, found.check_after)
+        elif not in_force:
+            del self._slots[domain]
 
     async def _maintain(self) -> None:
         while True:
@@ -701,7 +1002,6 @@ class PolicyDB:
         await self.flush()
         now = self._clock()
         s = self.settings
-        loop = asyncio.get_running_loop()
         for domain, slot in list(self._slots.items()):
             if domain in self._lookups:
                 continue
@@ -713,23 +1013,24 @@ class PolicyDB:
             ):
                 self._start(domain, slot)
         if self._unsaved:
-            unsaved = [e for d, e in self._unsaved.items() if d not in self._lookups]
-            saved = await loop.run_in_executor(self._store_pool, self._save_unsaved, unsaved)
-            for entry in saved:
-                if self._unsaved.get(entry.domain) is entry:
-                    del self._unsaved[entry.domain]
+            await self._write_back()
         unused, negative = cache_rules.purge_horizons(now, s)
         try:
-            removed = await loop.run_in_executor(
-                self._store_pool, functools.partial(self.store.purge_unused, unused, negative)
-            )
+            removed = await self._store_call(self._store_writes, self._purge, unused, negative)
         except StoreError as exc:
             self._store_writes.failed(str(exc), "unused entries stay in the cache for now")
-        else:
-            if removed:
-                log.info(
-                    "removed %d cache entries unused since %s", removed, cache_rules.when(unused)
-                )
+            return
+        if isinstance(removed, str):
+            self._store_writes.failed(removed, "unused entries stay in the cache for now")
+        elif removed:
+            log.info("removed %d cache entries unused since %s", removed, cache_rules.when(unused))
+
+    def _purge(self, unused: float, negative: float) -> int | str:
+        """In the store's threads: remove unused entries; how many, or the failure."""
+        try:
+            return self.store.purge_unused(unused, negative)
+        except StoreError as exc:
+            return str(exc)
 
     @property
     def size(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import grp
 import importlib
 import logging
@@ -34,10 +35,13 @@ from postfix_mtasts.server import Server
 from postfix_mtasts.store import (
     CorruptStoreError,
     ForeignFileError,
+    NewerSchemaError,
     Store,
     StoreError,
     open_store,
+    redact_url,
 )
+from postfix_mtasts.store.late import LateStore
 from postfix_mtasts.store.sqlite import SqliteStore, move_aside
 
 __all__ = ["run"]
@@ -69,29 +73,55 @@ def make_fetcher(settings: config.Config, resolver: Resolver) -> Fetcher:
     )
 
 
+def _shared_where(c: config.CacheConfig) -> str:
+    """A Redis or PostgreSQL store named as its backend names itself in messages."""
+    if c.backend == "postgresql":
+        return f"{redact_url(c.url)} table {c.table}"
+    return f"{redact_url(c.url)} prefix {c.prefix!r}"
+
+
 def make_store(settings: config.Config) -> Store:
     """The configured store; a memory store when it cannot be opened (lookups go on).
 
     A file that is not a postfix-mtasts cache is a configuration error (``config.ConfigError``):
     it is neither used nor moved aside."""
-    backend, path = settings.cache.backend, settings.cache.path
-    bound = settings.cache.memory_domains
+    c = settings.cache
+    backend, path = c.backend, c.path
+    bound = c.memory_domains
+    opener = functools.partial(
+        open_store,
+        backend,
+        path,
+        memory_entries=bound,
+        url=c.url,
+        name=c.table if backend == "postgresql" else c.prefix,
+        timeout=c.timeout,
+    )
     try:
-        store = open_store(backend, path, memory_entries=bound)
+        store = opener()
     except ForeignFileError as exc:
-        raise config.ConfigError(f"cache.path: {exc}") from exc
+        if backend == "sqlite":
+            raise config.ConfigError(f"cache.path: {exc}") from exc
+        log.error("cannot use the cache (%s)", exc)
     except CorruptStoreError as exc:
         # A damaged file stays damaged: keep it for inspection and start an empty cache, so that
         # every later restart is not memory-only too.
         try:
             aside = move_aside(path)
-            store = open_store(backend, path, memory_entries=bound)
+            store = opener()
         except StoreError as again:
             log.error("cache is damaged (%s) and cannot be replaced (%s)", exc, again)
         else:
             log.error("cache was damaged (%s); moved it to %s and started anew", exc, aside)
             return store
+    except NewerSchemaError as exc:
+        log.error("cannot use the cache (%s)", exc)
     except StoreError as exc:
+        if backend in ("redis", "postgresql"):
+            # The fleet's server may come back: try again, and meanwhile look up and keep what is
+            # learnt in memory, as during any outage of the store.
+            log.error("cannot open the cache (%s); trying again every few seconds", exc)
+            return LateStore(opener, _shared_where(c), str(exc))
         log.error("cannot open the cache (%s)", exc)
     else:
         if isinstance(store, SqliteStore) and store.read_only:
@@ -187,6 +217,17 @@ def setup_logging(settings: config.Config) -> None:
     root = logging.getLogger()
     root.addHandler(new)
     root.setLevel(settings.log.level.upper())
+    # The store clients log each failed connection on their own: the cache logs an outage once
+    # (policydb), and their debug lines describe connections in detail nobody needs.
+    for name, level in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+_QUIET_LOGGERS = {
+    "psycopg": logging.WARNING,
+    "psycopg.pool": logging.ERROR,
+    "redis": logging.WARNING,
+}
 
 
 def close_logging() -> None:
@@ -290,9 +331,21 @@ _PRELOAD = (
 )
 
 
-def _preload() -> None:
-    for name in _PRELOAD:
-        importlib.import_module(name)
+# The shared backends' modules, for the backend configured.
+_PRELOAD_BACKEND = {
+    "redis": ("postfix_mtasts.store.redis",),
+    "postgresql": ("postfix_mtasts.store.postgresql",),
+}
+
+
+def _preload(backend: str = "") -> None:
+    for name in _PRELOAD + _PRELOAD_BACKEND.get(backend, ()):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            if name in _PRELOAD:
+                raise
+            # The extra is not installed: opening the store says so, and caches in memory.
 
 
 class _PidFile:
@@ -347,7 +400,7 @@ def _daemon_context(
     owner: dict[str, int] = {}
     if becomes is not None:
         _hand_over_cache(becomes, settings)
-        _preload()
+        _preload(settings.cache.backend)
         # Not DaemonContext(initgroups=True): python-daemon then calls os.initgroups() instead
         # of os.setgid(), leaving the process in root's group. The supplementary groups are set
         # here, while root; the context sets the gid, then the uid.
@@ -466,8 +519,9 @@ class _Daemon:
             return
         setup_logging(new)
         old = self.settings
-        if (new.cache.backend, new.cache.path) != (old.cache.backend, old.cache.path):
-            log.warning("cache.backend and cache.path take effect at the next restart")
+        where = ("backend", "path", "url", "prefix", "table", "timeout")
+        if [getattr(new.cache, key) for key in where] != [getattr(old.cache, key) for key in where]:
+            log.warning("cache.%s take effect at the next restart", ", cache.".join(where))
         try:
             self.server.update_listeners(new_listeners)
         except ListenerError as exc:

@@ -1134,11 +1134,17 @@ def test_the_domains_held_in_memory_are_bounded_policies_last(
     run(db, scenario)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgresql"])
 def test_a_policy_dropped_from_memory_is_read_back_from_the_store(
-    bed: Bed, make_db: MakeDB, tmp_path: Path
+    backend: str, request: pytest.FixtureRequest, bed: Bed, make_db: MakeDB, tmp_path: Path
 ) -> None:
     site = publish(bed, "readback")
-    store = open_store("sqlite", str(tmp_path / "cache.sqlite"))
+    if backend == "sqlite":
+        store = open_store("sqlite", str(tmp_path / "cache.sqlite"))
+    else:
+        fixture = {"redis": "redis_server", "postgresql": "postgres_server"}[backend]
+        server = request.getfixturevalue(fixture)
+        store = open_store(backend, "", url=server.url, name=f"readback_{os.getpid()}_{id(site)}")
     db = make_db(store, memory_domains=5)
 
     async def scenario() -> None:

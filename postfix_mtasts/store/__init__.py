@@ -41,6 +41,7 @@ __all__ = [
     "CorruptStoreError",
     "Entry",
     "ForeignFileError",
+    "NewerSchemaError",
     "Store",
     "StoreError",
     "Watcher",
@@ -85,9 +86,15 @@ class CorruptStoreError(StoreError):
     Such a file may be moved aside and replaced by an empty cache."""
 
 
+class NewerSchemaError(StoreError):
+    """The store was written by a newer postfix-mtasts (a higher schema version than this one
+    knows): it is neither written to nor changed."""
+
+
 class ForeignFileError(StoreError):
-    """The file is not a postfix-mtasts cache (a text file, another program's database): it is
-    neither used nor moved, whatever state it is in."""
+    """The file (or the Redis prefix, the PostgreSQL table) is not a postfix-mtasts cache (a text
+    file, another program's database or keys): it is neither used nor moved, whatever state it is
+    in."""
 
 
 def check_entry(entry: Entry, where: str) -> None:
@@ -126,7 +133,9 @@ class Store(Protocol):
     instant: bool
     shared: bool
     where: str
-    origin: str
+
+    @property
+    def origin(self) -> str: ...
 
     def get(self, domain: str) -> Entry | None:
         """The entry for `domain`, or None."""
