@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -104,7 +105,7 @@ def store_where(cache: CacheConfig) -> str:
     """The configured store as messages name it: the SQLite file, or the server's URL without
     its password and the key prefix or table."""
     if cache.backend == "redis":
-        return f'{redact_url(cache.url)} prefix "{cache.prefix}"'
+        return f"{redact_url(cache.url)} prefix {cache.prefix!r}"
     if cache.backend == "postgresql":
         return f"{redact_url(cache.url)} table {cache.table}"
     if cache.backend == "sqlite":
@@ -168,6 +169,10 @@ def _open(settings: Config, *, must_exist: bool) -> Store:
 def run(args: argparse.Namespace, settings: Config) -> int:
     """Run the ``cache`` subcommand named by ``args.cache_command``; its exit status."""
     command: Callable[[argparse.Namespace, Config], int] = _COMMANDS[args.cache_command]
+    # The store clients log failed connections on their own, which Python would print to
+    # stderr: the command reports a failure once, in its one line.
+    for client in ("psycopg", "redis"):
+        logging.getLogger(client).setLevel(logging.CRITICAL)
     try:
         return command(args, settings)
     except CommandError as exc:
