@@ -44,6 +44,8 @@ __all__ = [
     "check_due",
     "consult",
     "expire",
+    "forced_plan",
+    "forced_step",
     "held_decision",
     "in_force",
     "keep_in_memory",
@@ -429,6 +431,37 @@ def after_fetch(
         )
     summary = f"{policy.mode} policy, id {record.id}"
     return _outcome(domain, plan, settings, True, new, policy, summary, notes)
+
+
+def forced_plan(domain: str, stored: Entry | None, now: float) -> Plan:
+    """Where a refresh an operator asked for (``postfix-mtasts cache refresh``) starts, whatever
+    the entry's schedule or backoff says: :func:`consult`'s plan, never its answer. An unexpired
+    policy ``stored`` holds is the one a failed lookup keeps (§5); an expired one is dropped."""
+    base = stored or Entry(
+        domain=domain,
+        record_id=None,
+        policy_text=None,
+        fetched_at=None,
+        expires_at=None,
+        checked_at=None,
+        last_used=now,
+    )
+    cached, notes = _parse_cached(base, now)
+    if cached is None and base.policy_text is not None:
+        # §5: an expired (or no longer parsable) policy is never used again.
+        base = replace(base, policy_text=None, fetched_at=None, expires_at=None)
+    return Plan(now, base, cached, "", notes)
+
+
+def forced_step(
+    domain: str, plan: Plan, record: Record | mtasts.MTASTSError, settings: CacheConfig
+) -> Outcome | Fetch:
+    """:func:`after_record` for a refresh an operator asked for: a valid record always leads to a
+    fetch, also when its ``id`` is unchanged and no refresh is due (the operator knows the policy
+    changed without a new ``id``). A failed TXT lookup is judged as always (§3.3)."""
+    if isinstance(record, Record):
+        return Fetch(record)
+    return after_record(domain, plan, record, settings)
 
 
 def keep_in_memory(valid_until: float, last_used: float, now: float, settings: CacheConfig) -> bool:

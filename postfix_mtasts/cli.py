@@ -1,4 +1,4 @@
-"""The ``postfix-mtasts`` command: ``serve``, ``query`` and ``check-config``.
+"""The ``postfix-mtasts`` command: ``serve``, ``query``, ``cache`` and ``check-config``.
 
 Heavy modules (dnspython, requests, asyncio) are imported inside the subcommand that needs them, so
 that ``query --socketmap`` and ``--help`` start quickly.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from postfix_mtasts import __version__
@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pid-file", metavar="FILE", help="pid file with --daemon")
     serve.set_defaults(handler=_serve)
 
+    _add_cache_parser(commands)
+
     check = commands.add_parser(
         "check-config",
         help="validate a configuration file and print the effective settings",
@@ -131,6 +133,146 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(check)
     check.set_defaults(handler=_check_config)
     return parser
+
+
+# `cache warm`: lookups at once, and lookups started per second. (Here, with the options, so
+# that building the parser imports no lookup machinery.)
+WARM_JOBS = 4
+WARM_RATE = 10.0
+MAX_WARM_JOBS = 64
+MAX_WARM_RATE = 1000.0
+
+CACHE_EXIT_STATUSES = """\
+exit status (every subcommand):
+  0  done
+  1  show: the cache does not hold the domain; refresh, warm: a lookup failed;
+     import: a line was bad (and skipped)
+  2  usage or configuration error, a file that cannot be read, or the store cannot
+     be opened or reached (one line on standard error names the store and the cause)
+"""
+
+
+def _positive(kind: type[int] | type[float], top: float) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < value <= top:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected more than 0 and at most {top:g}")
+        return value
+
+    return convert
+
+
+def _add_cache_parser(commands: Any) -> None:
+    cache = commands.add_parser(
+        "cache",
+        help="list, show, forget, refresh, export, import or warm the policy cache",
+        description=(
+            "Work on the policy cache the configuration names ([cache] backend: sqlite, redis or"
+            ' postgresql), beside any daemon sharing it. A cache with backend = "memory" lives'
+            " in the daemon only: there is nothing for these commands to work on."
+        ),
+        epilog=CACHE_EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_option(cache)
+    subcommands = cache.add_subparsers(dest="cache_command", metavar="SUBCOMMAND", required=True)
+
+    def subcommand(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = subcommands.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            epilog=CACHE_EXIT_STATUSES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        # -c after the subcommand too; SUPPRESS keeps a -c given before it.
+        parser.add_argument(
+            "-c",
+            "--config",
+            metavar="FILE",
+            default=argparse.SUPPRESS,
+            help="TOML configuration file (default: /etc/postfix-mtasts/config.toml if it exists)",
+        )
+        return parser
+
+    listing = subcommand(
+        "list",
+        "one line per cached domain",
+        "One line per cached domain, ordered by name, after a header line: DOMAIN MODE FETCHED"
+        " EXPIRES LAST-USED MX LAST-ERROR, separated by spaces (MX patterns joined by commas,"
+        " the error last and free text; '-' for nothing; times in UTC, ISO 8601).",
+    )
+    listing.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON lines: one JSON object per domain and line (no enclosing array)",
+    )
+    show = subcommand(
+        "show",
+        "everything the cache holds about one domain, and each map's answer now",
+        "Every field of the domain's entry, its policy parsed, and the answer each configured"
+        " map (postfix: [policy]; and every [maps.NAME]) would give now, built as the daemon"
+        " builds it.",
+    )
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.add_argument("domain", metavar="DOMAIN")
+    forget = subcommand(
+        "forget",
+        "remove domains from the cache",
+        "Remove the entries of the DOMAINs; daemons sharing the store drop them too.",
+    )
+    forget.add_argument("domains", nargs="+", metavar="DOMAIN")
+    refresh = subcommand(
+        "refresh",
+        "look domains up and fetch their policies now",
+        "Look up each DOMAIN's TXT record and fetch its policy now, whatever the cache says,"
+        " and store the result; a failure keeps a cached policy (RFC 8461 §5). One line per"
+        " domain.",
+    )
+    refresh.add_argument("domains", nargs="+", metavar="DOMAIN")
+    subcommand(
+        "export",
+        "write every entry as JSON lines",
+        "Write every entry to standard output, one JSON object per line with every field"
+        " (times as Unix timestamps), ordered by domain: what import reads.",
+    )
+    importing = subcommand(
+        "import",
+        "store the entries of an export",
+        "Read JSON lines as export writes them from FILE ('-': standard input), check each"
+        " line and store the good ones (replacing entries of the same domains); a bad line is"
+        " reported on standard error with its number and skipped.",
+    )
+    importing.add_argument("file", metavar="FILE")
+    warm = subcommand(
+        "warm",
+        "look up the domains mail was delivered to",
+        "Look up the DOMAINs, or the recipient domains of the deliveries a Postfix mail log"
+        " shows (postfix/smtp lines with status=sent), that the cache does not hold in force"
+        " already, like refresh, with bounded concurrency and rate; then print a summary.",
+    )
+    warm.add_argument(
+        "--from-maillog", metavar="FILE", help="Postfix's mail log ('-': standard input)"
+    )
+    warm.add_argument(
+        "--jobs",
+        type=_positive(int, MAX_WARM_JOBS),
+        default=WARM_JOBS,
+        metavar="N",
+        help=f"lookups at once (default: {WARM_JOBS}, at most {MAX_WARM_JOBS})",
+    )
+    warm.add_argument(
+        "--rate",
+        type=_positive(float, MAX_WARM_RATE),
+        default=WARM_RATE,
+        metavar="PER_SECOND",
+        help=f"lookups started per second (default: {WARM_RATE:g}, at most {MAX_WARM_RATE:g})",
+    )
+    warm.add_argument("domains", nargs="*", metavar="DOMAIN")
+    cache.set_defaults(handler=_cache)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,6 +322,20 @@ def _serve(args: argparse.Namespace) -> int:
     return service.run(
         settings, config_path=args.config, detach=args.daemon, pid_file=args.pid_file
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# cache
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from postfix_mtasts import cachecmd
+
+    # The cache commands open the store themselves, not the daemon's log file.
+    settings = _load_config(args, daemon_files=False)
+    if settings is None:
+        return cachecmd.EXIT_TROUBLE
+    return cachecmd.run(args, settings)
 
 
 # --------------------------------------------------------------------------------------------------
