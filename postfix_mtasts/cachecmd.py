@@ -38,7 +38,15 @@ from urllib.parse import unquote, urlsplit
 from postfix_mtasts import cache_rules, mtasts, postfix
 from postfix_mtasts.cache_rules import Answer, Fetch
 from postfix_mtasts.config import CacheConfig, Config
-from postfix_mtasts.store import MAX_POLICY_TEXT, Entry, Store, StoreError, open_store, redact_url
+from postfix_mtasts.store import (
+    MAX_POLICY_TEXT,
+    Entry,
+    Store,
+    StoreError,
+    open_store,
+    redact_url,
+    where_of,
+)
 
 __all__ = [
     "EXIT_OK",
@@ -102,15 +110,9 @@ def _iso(timestamp: float | None) -> str | None:
 
 
 def store_where(cache: CacheConfig) -> str:
-    """The configured store as messages name it: the SQLite file, or the server's URL without
-    its password and the key prefix or table."""
-    if cache.backend == "redis":
-        return f"{redact_url(cache.url)} prefix {cache.prefix!r}"
-    if cache.backend == "postgresql":
-        return f"{redact_url(cache.url)} table {cache.table}"
-    if cache.backend == "sqlite":
-        return cache.path
-    return "memory store"
+    """The configured store as messages name it (the store's own ``where``)."""
+    name = cache.table if cache.backend == "postgresql" else cache.prefix
+    return where_of(cache.backend, cache.path, cache.url, name)
 
 
 def _secrets(url: str) -> list[str]:

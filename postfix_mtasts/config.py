@@ -30,6 +30,7 @@ from typing import Literal, NoReturn, TypeVar, get_args
 from urllib.parse import urlsplit
 
 from postfix_mtasts.listeners import ListenerError, parse_listener, parse_nameserver
+from postfix_mtasts.store import DEFAULT_PREFIX, DEFAULT_TABLE
 
 __all__ = [
     "DEFAULT_PATH",
@@ -181,8 +182,8 @@ class CacheConfig:
     # The Redis or PostgreSQL server (backend "redis" or "postgresql"), the Redis key prefix and
     # the PostgreSQL table, and the bound on every operation on them, connecting included.
     url: str = ""
-    prefix: str = "postfix-mtasts:"
-    table: str = "postfix_mtasts_cache"
+    prefix: str = DEFAULT_PREFIX
+    table: str = DEFAULT_TABLE
     timeout: float = 1.0
 
 

@@ -39,7 +39,7 @@ from postfix_mtasts.store import (
     Store,
     StoreError,
     open_store,
-    redact_url,
+    where_of,
 )
 from postfix_mtasts.store.late import LateStore
 from postfix_mtasts.store.sqlite import SqliteStore, move_aside
@@ -71,13 +71,6 @@ def make_fetcher(settings: config.Config, resolver: Resolver) -> Fetcher:
         allow_private_addresses=https.allow_private_addresses,
         proxies={"https": https.proxy} if https.proxy else None,
     )
-
-
-def _shared_where(c: config.CacheConfig) -> str:
-    """A Redis or PostgreSQL store named as its backend names itself in messages."""
-    if c.backend == "postgresql":
-        return f"{redact_url(c.url)} table {c.table}"
-    return f"{redact_url(c.url)} prefix {c.prefix!r}"
 
 
 def make_store(settings: config.Config) -> Store:
@@ -121,7 +114,8 @@ def make_store(settings: config.Config) -> Store:
             # The fleet's server may come back: try again, and meanwhile look up and keep what is
             # learnt in memory, as during any outage of the store.
             log.error("cannot open the cache (%s); trying again every few seconds", exc)
-            return LateStore(opener, _shared_where(c), str(exc))
+            name = c.table if backend == "postgresql" else c.prefix
+            return LateStore(opener, where_of(backend, path, c.url, name), str(exc))
         log.error("cannot open the cache (%s)", exc)
     else:
         if isinstance(store, SqliteStore) and store.read_only:

@@ -47,6 +47,7 @@ __all__ = [
     "Watcher",
     "open_store",
     "redact_url",
+    "where_of",
 ]
 
 # The largest policy_text a store accepts and returns. A fetched policy is at most 64 KiB
@@ -56,6 +57,9 @@ MAX_POLICY_TEXT = 65536
 # The most domain names one change notification carries (each at most 253 characters, as DNS
 # names are): what another process sends is bounded like any input.
 MAX_DOMAIN_NAMES = 1000
+# The Redis key prefix and the PostgreSQL table when none is configured (cache.prefix, cache.table).
+DEFAULT_PREFIX = "postfix-mtasts:"
+DEFAULT_TABLE = "postfix_mtasts_cache"
 # What `Watcher.wait` returns when changes may have been lost: re-read every domain.
 ALL: Final = "all"
 
@@ -209,6 +213,18 @@ def redact_url(url: str) -> str:
         for key in (part.split("=", 1)[0],)
     )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def where_of(backend: str, path: str, url: str = "", name: str = "") -> str:
+    """A store as messages name it, before it is open (each backend's ``where``): the SQLite
+    file, or the server's URL without its password and the key prefix or table."""
+    if backend == "redis":
+        return f'{redact_url(url) or "(no url)"} prefix "{name or DEFAULT_PREFIX}"'
+    if backend == "postgresql":
+        return f"{redact_url(url)} table {name or DEFAULT_TABLE}"
+    if backend == "sqlite":
+        return path
+    return "memory store"
 
 
 def open_store(

@@ -54,9 +54,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, TypeVar
 
-from postfix_mtasts.config import CacheConfig
 from postfix_mtasts.store import (
     ALL,
+    DEFAULT_TABLE,
     MAX_DOMAIN_NAMES,
     MAX_POLICY_TEXT,
     Entry,
@@ -64,7 +64,7 @@ from postfix_mtasts.store import (
     NewerSchemaError,
     StoreError,
     check_entry,
-    redact_url,
+    where_of,
 )
 
 try:
@@ -132,8 +132,8 @@ class PostgresStore:
     shared = True
 
     def __init__(self, url: str, *, table: str = "", timeout: float = 1.0) -> None:
-        table = table or CacheConfig.table
-        self.where = f"{redact_url(url)} table {table}"
+        table = table or DEFAULT_TABLE
+        self.where = where_of("postgresql", "", url, table)
         self.origin = secrets.token_hex(8)
         self._timeout = timeout
         self._lock = threading.Lock()

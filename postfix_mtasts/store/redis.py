@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from postfix_mtasts.store import (
     ALL,
+    DEFAULT_PREFIX,
     MAX_DOMAIN_NAMES,
     MAX_POLICY_TEXT,
     Entry,
@@ -52,7 +53,7 @@ from postfix_mtasts.store import (
     NewerSchemaError,
     StoreError,
     check_entry,
-    redact_url,
+    where_of,
 )
 
 if TYPE_CHECKING:
@@ -64,7 +65,6 @@ __all__ = ["DEFAULT_PREFIX", "SCHEMA_VERSION", "RedisStore"]
 
 # The version of the key layout above, in {prefix}schema. Raise it with a migration in _open().
 SCHEMA_VERSION = 1
-DEFAULT_PREFIX = "postfix-mtasts:"
 # A prefix is part of every key: printable, without spaces, of a sensible length.
 _PREFIX = re.compile(r"[!-~]{1,200}")
 # A field of an entry read from the server: policy_text is at most MAX_POLICY_TEXT characters of
@@ -267,7 +267,7 @@ class RedisStore:
 
     def __init__(self, url: str, *, prefix: str = "", timeout: float = 1.0) -> None:
         self.prefix = prefix or DEFAULT_PREFIX
-        self.where = f'{redact_url(url) or "(no url)"} prefix "{self.prefix}"'
+        self.where = where_of("redis", "", url, self.prefix)
         self.origin = secrets.token_hex(8)
         self.timeout = timeout
         if not _PREFIX.fullmatch(self.prefix):
