@@ -641,7 +641,8 @@ class PolicyDB:
         except TimeoutError:
             pass
         finally:
-            if self._awaiting.get(domain) is waiter and waiter.done():
+            # One lookup per domain waits (SingleFlight): nobody else needs the waiter.
+            if self._awaiting.get(domain) is waiter:
                 del self._awaiting[domain]
         plan = await self._plan(domain, current, held)
         if isinstance(plan, Answer) and plan.check:

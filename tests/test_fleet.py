@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Any
 
 import pytest
 from bed import Bed, policy_text
-from dbservers import PostgresServer, RedisServer
+from dbservers import PASSWORD, PostgresServer, RedisServer
 from hostile_dns import HostileDNS
 from mtasts_daemon import Daemon, running_daemon
 
@@ -365,3 +367,64 @@ def test_a_daemon_started_while_its_store_is_down_uses_it_once_it_is_up(
     finally:
         if server.process is None:
             server.start()
+
+
+def _cache_command(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    """``postfix-mtasts cache ARGS`` as the operator runs it, on the daemon's configuration."""
+    found = shutil.which("postfix-mtasts")
+    assert found is not None, "postfix-mtasts is not on PATH (install the package, see tests/run)"
+    return subprocess.run(
+        [found, "cache", *args, "-c", str(daemon.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgresql", "sqlite"])
+def test_cache_forget_makes_every_daemon_read_the_policy_again_within_the_bound(
+    backend: str, fleet: Shared, bed: Bed
+) -> None:
+    """The operator fixed a broken policy at the remote side and wants it read now."""
+    site = Site(bed, "forget")
+    with fleet(backend) as shared:
+        for daemon in shared.daemons:
+            assert daemon.request(site.domain, timeout=15.0) == site.reply()
+        fixed_mx = f"fixed.{site.domain}"
+        site.serve(fixed_mx)
+        site.set_record("2")
+        done = _cache_command(shared.daemons[0], "forget", site.domain)
+        assert done.returncode == 0, done.stderr
+        time.sleep(CHANGE_BOUND)
+        for daemon in shared.daemons:
+            assert daemon.request(site.domain, timeout=15.0) == site.reply(fixed_mx)
+        # One new fetch for the fleet.
+        assert site.gets == 2
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgresql"])
+def test_a_store_password_never_reaches_the_log(
+    backend: str, request: pytest.FixtureRequest, bed: Bed, hostile_dns: HostileDNS, tmp_path: Path
+) -> None:
+    """An outage makes the daemon and the client libraries talk about the server: never with its
+    password (debug level, so that every line is there to leak it)."""
+    server: RedisServer | PostgresServer = request.getfixturevalue(SERVERS[backend])
+    settings = {**_cache_settings(backend, request, tmp_path), "url": server.password_url}
+    site = Site(bed, "secret")
+    with running_daemon(
+        bed, tmp_path / "secret", nameservers=[hostile_dns.address], settings={"cache": settings}
+    ) as daemon:
+        assert daemon.request(site.domain, timeout=15.0) == site.reply()
+        server.stop()
+        try:
+            assert daemon.request(Site(bed, "secret").domain, timeout=15.0).startswith("OK secure")
+            time.sleep(1.0)
+        finally:
+            server.start()
+        forgotten = _cache_command(daemon, "show", "unknown.example")
+    log = daemon.log_path.read_text(errors="replace")
+    assert "cannot read the cache" in log
+    assert "***@" in log
+    assert PASSWORD not in log
+    assert PASSWORD not in forgotten.stdout + forgotten.stderr
