@@ -546,20 +546,16 @@ class PolicyDB:
         cost no thread hand-off.
         """
         loop = asyncio.get_running_loop()
-        plan = await self._plan(domain, current, held)
+        plan, leased = await self._plan(domain, current, held)
         if isinstance(plan, Answer):
             return _Result(plan, domain not in self._unsaved)
         now = self._clock()
         background = cache_rules.in_force(current, now) or (held is not None and held > now)
-        leased = False
-        if self.store.shared and not plan.unread:
-            while not (leased := await self._lease(domain)):
-                # Another daemon looks it up: its result reaches the store, and this daemon.
-                plan = await self._leave_it(domain, current, held)
-                if isinstance(plan, Answer):
-                    return _Result(plan, True)
-                if plan.unread:
-                    break
+        while self.store.shared and not (leased or plan.unread):
+            # Another daemon looks it up: its result reaches the store, and this daemon.
+            plan, leased = await self._leave_it(domain, current, held)
+            if isinstance(plan, Answer):
+                return _Result(plan, True)
         try:
             # A check behind an answer in force waits as long as it takes; a lookup someone
             # waits for (nothing in force, or only an expired policy) only as long as they wait.
@@ -586,7 +582,8 @@ class PolicyDB:
             finally:
                 turns.release()
             self._local.succeeded()
-            saved = await self._save_async(outcome.entry)
+            saved = await self._save_async(outcome.entry, release=leased)
+            leased = False
         finally:
             if leased:
                 with contextlib.suppress(StoreError):
@@ -595,26 +592,33 @@ class PolicyDB:
 
     async def _plan(
         self, domain: str, current: Decision | None, held: float | None
-    ) -> Answer | Plan:
-        """What the rules make of what the store (or memory) holds for ``domain``."""
+    ) -> tuple[Answer | Plan, bool]:
+        """What the rules make of what the store (or memory) holds for ``domain``, and on a
+        shared store whether this daemon took the lease to look it up (one trip to the store)."""
         unsaved = self._unsaved.get(domain)
         if self.store.instant:
-            return self._consult(domain, current, unsaved, held)
-        entry, unread = unsaved, ""
-        if entry is None:
+            return self._consult(domain, current, unsaved, held), False
+        if unsaved is None:
             try:
-                entry = await self._store_call(self._store_reads, self._load, domain)
+                return await self._store_call(
+                    self._store_reads, self._consult_and_lease, domain, current, held
+                )
             except StoreError as exc:
-                unread = str(exc)
-        return self._judge(domain, current, entry, unread, held)
+                return self._judge(domain, current, None, str(exc), held), False
+        # Memory holds what the store failed to take: this daemon acts alone (giving up a lease
+        # it does not hold, afterwards, changes nothing).
+        return self._judge(domain, current, unsaved, "", held), True
 
-    async def _lease(self, domain: str) -> bool:
-        """Whether this daemon may look ``domain`` up: it holds the store's lease on it, or the
-        store cannot say (a store outage never stops a lookup)."""
-        try:
-            return await self._store_call(self._store_reads, self._take_lease, domain)
-        except StoreError:
-            return True
+    def _consult_and_lease(
+        self, domain: str, current: Decision | None, held: float | None
+    ) -> tuple[Answer | Plan, bool]:
+        """In the store's threads: what the rules make of the stored entry, and when the network
+        must be asked, the lease on a shared store (without it, another daemon asks). A store
+        that cannot be read raises StoreError."""
+        plan = self._judge(domain, current, self._load(domain), "", held)
+        if isinstance(plan, Answer) or plan.unread or not self.store.shared:
+            return plan, False
+        return plan, self._take_lease(domain)
 
     def _take_lease(self, domain: str) -> bool:
         """In the store's threads: the lease, or True when the store cannot give one (a file
@@ -630,9 +634,9 @@ class PolicyDB:
 
     async def _leave_it(
         self, domain: str, current: Decision | None, held: float | None
-    ) -> Answer | Plan:
+    ) -> tuple[Answer | Plan, bool]:
         """Wait until another daemon's lookup of ``domain`` changes its entry (its notification
-        comes, or LEASE_POLL_INTERVAL passes), then read the store again."""
+        comes, or LEASE_POLL_INTERVAL passes), then read the store again (and try the lease)."""
         waiter = self._awaiting.get(domain)
         if waiter is None or waiter.done():
             waiter = self._awaiting[domain] = asyncio.get_running_loop().create_future()
@@ -644,11 +648,11 @@ class PolicyDB:
             # One lookup per domain waits (SingleFlight): nobody else needs the waiter.
             if self._awaiting.get(domain) is waiter:
                 del self._awaiting[domain]
-        plan = await self._plan(domain, current, held)
+        plan, leased = await self._plan(domain, current, held)
         if isinstance(plan, Answer) and plan.check:
             # What the other daemon left is due for a check already: not this one's to make now.
             plan = replace(plan, check=False)
-        return plan
+        return plan, leased
 
     async def _take_turn(self, domain: str, turns: asyncio.Semaphore, background: bool) -> None:
         """Wait until fewer than ``max_lookups`` lookups run. A lookup someone waits for gives up
@@ -735,14 +739,23 @@ class PolicyDB:
         log.info("%s: %s (%.0f ms)", domain, outcome.summary, elapsed)
         return outcome
 
-    async def _save_async(self, entry: Entry) -> bool:
-        """Write ``entry`` (within cache.timeout); False when the store did not take it."""
+    async def _save_async(self, entry: Entry, *, release: bool = False) -> bool:
+        """Write ``entry`` (within cache.timeout), and give up the lease when ``release``; False
+        when the store did not take the entry."""
         if self.store.instant:
             return self._save(entry)
         try:
-            return await self._store_call(self._store_writes, self._save, entry)
+            return await self._store_call(
+                self._store_writes, self._save_and_release, entry, release
+            )
         except StoreError:
             return False
+
+    def _save_and_release(self, entry: Entry, release: bool) -> bool:
+        saved = self._save(entry)
+        if release:
+            self._give_up_lease(entry.domain)
+        return saved
 
     # ---------------------------------------------------------------------------------------------
     # The store. Its failures cost lookups, never answers (a domain the network says nothing
