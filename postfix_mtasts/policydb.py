@@ -615,10 +615,25 @@ class PolicyDB:
         """In the store's threads: what the rules make of the stored entry, and when the network
         must be asked, the lease on a shared store (without it, another daemon asks). A store
         that cannot be read raises StoreError."""
-        plan = self._judge(domain, current, self._load(domain), "", held)
+        entry = self._load(domain)
+        plan = self._judge(domain, current, entry, "", held)
         if isinstance(plan, Answer) or plan.unread or not self.store.shared:
             return plan, False
-        return plan, self._take_lease(domain)
+        if not self._take_lease(domain):
+            return plan, False
+        # Another daemon may have finished the lookup between the read and the lease: what it
+        # stored is the answer, not a reason to look the domain up again.
+        try:
+            again = self._load(domain)
+        except StoreError:
+            again = entry
+        if again == entry:
+            return plan, True
+        plan = self._judge(domain, current, again, "", held)
+        if isinstance(plan, Answer):
+            self._give_up_lease(domain)
+            return plan, False
+        return plan, True
 
     def _take_lease(self, domain: str) -> bool:
         """In the store's threads: the lease, or True when the store cannot give one (a file

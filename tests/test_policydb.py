@@ -902,6 +902,51 @@ def test_policydb_answers_when_the_store_fails(
     run(db, scenario)
 
 
+class _ReadJustBeforeTheOther:
+    """A daemon's view of a real shared store in which its first read of a domain came just
+    before another daemon stored its lookup's result (the read saw nothing; the lease came after
+    the other daemon had given it back)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._seen: set[str] = set()
+
+    def get(self, domain: str) -> Entry | None:
+        if domain not in self._seen:
+            self._seen.add(domain)
+            return None
+        return self._store.get(domain)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_lookup_another_daemon_finished_before_the_lease_is_not_made_again(
+    bed: Bed, make_db: MakeDB, tmp_path: Path
+) -> None:
+    site = publish(bed, "leaserace")
+    path = str(tmp_path / "cache.sqlite")
+    first_store, second_store = open_store("sqlite", path), open_store("sqlite", path)
+    first = make_db(first_store)
+    second = make_db(_ReadJustBeforeTheOther(second_store))
+
+    async def scenario() -> None:
+        assert reply(await answered_later(first, site.domain)) == enforce_reply(site)
+        # The second daemon read "nothing", then took the (free) lease: it reads again before
+        # going to the network, and answers what the first one stored.
+        assert reply(await answered_later(second, site.domain)) == enforce_reply(site)
+        assert second.network_lookups == 0
+        assert site.gets == 1
+        # And gave the lease back: the first daemon could take it now.
+        assert first_store.lease(site.domain, "another", 60.0)
+
+    try:
+        run(second, scenario)
+    finally:
+        first_store.close()
+        second_store.close()
+
+
 def test_revalidation_takes_an_entry_another_daemon_refreshed(
     bed: Bed, make_db: MakeDB, clock: FakeClock
 ) -> None:
