@@ -290,15 +290,7 @@ def consult(
             # §3.3: a failed attempt is not repeated within the retry interval, also when the
             # policy it failed to refresh has expired meanwhile.
             return Answer(entry, decision, valid_until, check_after, notes=notes)
-    base = entry or Entry(
-        domain=domain,
-        record_id=None,
-        policy_text=None,
-        fetched_at=None,
-        expires_at=None,
-        checked_at=None,
-        last_used=now,
-    )
+    base = entry or Entry.unknown(domain, now)
     if cached is None and base.policy_text is not None:
         # The stored policy expired: it must not be used any more (§5).
         if base.expires_at is not None and base.expires_at <= now:
@@ -437,15 +429,7 @@ def forced_plan(domain: str, stored: Entry | None, now: float) -> Plan:
     """Where a refresh an operator asked for (``postfix-mtasts cache refresh``) starts, whatever
     the entry's schedule or backoff says: :func:`consult`'s plan, never its answer. An unexpired
     policy ``stored`` holds is the one a failed lookup keeps (§5); an expired one is dropped."""
-    base = stored or Entry(
-        domain=domain,
-        record_id=None,
-        policy_text=None,
-        fetched_at=None,
-        expires_at=None,
-        checked_at=None,
-        last_used=now,
-    )
+    base = stored or Entry.unknown(domain, now)
     cached, notes = _parse_cached(base, now)
     if cached is None and base.policy_text is not None:
         # §5: an expired (or no longer parsable) policy is never used again.

@@ -6,18 +6,38 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from postfix_mtasts.store import Store, open_store
+from postfix_mtasts.store import Entry, Store, open_store
 
 BACKENDS = ("memory", "sqlite", "redis", "postgresql")
 # Those that other processes can share.
 SHARED = ("sqlite", "redis", "postgresql")
 
 _names = itertools.count()
+
+POLICY = "version: STSv1\nmode: enforce\nmx: mail.example.com\nmx: *.example.net\nmax_age: 86400\n"
+
+
+def entry(domain: str = "example.com", **changes: Any) -> Entry:
+    """An entry as a fetch left it, with ``changes``."""
+    base = Entry(
+        domain=domain,
+        record_id="20240101T000000",
+        policy_text=POLICY,
+        fetched_at=1000.0,
+        expires_at=87400.0,
+        checked_at=1100.0,
+        last_used=1200.0,
+        last_error="",
+        backoff_until=0.0,
+    )
+    return replace(base, **changes)
+
 
 Opener = Callable[..., Store]
 

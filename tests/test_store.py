@@ -14,13 +14,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cachefiles import damaged_cache, version_1_cache
-from storekit import BACKENDS, SHARED, opener
+from storekit import BACKENDS, POLICY, SHARED, entry, opener
 
 from postfix_mtasts.store import (
     ALL,
@@ -37,24 +36,7 @@ from postfix_mtasts.store import (
 from postfix_mtasts.store import sqlite as sqlite_store
 from postfix_mtasts.store.sqlite import APPLICATION_ID, POLL_INTERVAL, SCHEMA_VERSION, move_aside
 
-POLICY = "version: STSv1\nmode: enforce\nmx: mail.example.com\nmx: *.example.net\nmax_age: 86400\n"
-
 Opener = Callable[..., Store]
-
-
-def entry(domain: str = "example.com", **changes: Any) -> Entry:
-    base = Entry(
-        domain=domain,
-        record_id="20240101T000000",
-        policy_text=POLICY,
-        fetched_at=1000.0,
-        expires_at=87400.0,
-        checked_at=1100.0,
-        last_used=1200.0,
-        last_error="",
-        backoff_until=0.0,
-    )
-    return replace(base, **changes)
 
 
 @pytest.fixture

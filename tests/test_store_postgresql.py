@@ -12,29 +12,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 
 import pytest
 from dbservers import PASSWORD, PostgresServer, free_port
+from storekit import entry
 
-from postfix_mtasts.store import ALL, MAX_POLICY_TEXT, Entry, StoreError, Watcher
+from postfix_mtasts.store import ALL, MAX_POLICY_TEXT, StoreError, Watcher
 from postfix_mtasts.store.postgresql import SCHEMA_VERSION, PostgresStore
 
-POLICY = "version: STSv1\nmode: enforce\nmx: mail.example.com\nmax_age: 86400\n"
 _names = itertools.count()
-
-
-def entry(domain: str = "example.com", **changes: object) -> Entry:
-    base = Entry(
-        domain=domain,
-        record_id="20240101T000000",
-        policy_text=POLICY,
-        fetched_at=1000.0,
-        expires_at=87400.0,
-        checked_at=1100.0,
-        last_used=1200.0,
-    )
-    return replace(base, **changes)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -10,40 +10,24 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from dbservers import PASSWORD, RedisServer, ServerError, _wait_for_port, free_port
+from storekit import POLICY, entry
 
 from postfix_mtasts.store import (
     ALL,
     MAX_DOMAIN_NAMES,
     MAX_POLICY_TEXT,
-    Entry,
     StoreError,
     open_store,
 )
 from postfix_mtasts.store.redis import SCHEMA_VERSION, RedisStore, RedisWatcher
 
-POLICY = "version: STSv1\nmode: enforce\nmx: mail.example.com\nmax_age: 86400\n"
-
 _prefixes = itertools.count()
-
-
-def entry(domain: str = "example.com", **changes: Any) -> Entry:
-    base = Entry(
-        domain=domain,
-        record_id="20240101T000000",
-        policy_text=POLICY,
-        fetched_at=1000.0,
-        expires_at=87400.0,
-        checked_at=1100.0,
-        last_used=1200.0,
-    )
-    return replace(base, **changes)
 
 
 @pytest.fixture

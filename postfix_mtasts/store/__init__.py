@@ -29,13 +29,14 @@ Sharing. Several daemons (processes, machines) may use one store. Three things s
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Final, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "ALL",
+    "ENTRY_FIELDS",
     "MAX_DOMAIN_NAMES",
     "MAX_POLICY_TEXT",
     "CorruptStoreError",
@@ -45,6 +46,10 @@ __all__ = [
     "Store",
     "StoreError",
     "Watcher",
+    "announced",
+    "announcements",
+    "entry_from_row",
+    "is_announced_name",
     "open_store",
     "redact_url",
     "where_of",
@@ -80,6 +85,15 @@ class Entry:
     last_error: str = ""
     backoff_until: float = 0.0
 
+    @classmethod
+    def unknown(cls, domain: str, last_used: float) -> Entry:
+        """The entry of a domain nothing is known about yet."""
+        return cls(domain, None, None, None, None, None, last_used)
+
+
+# The fields of an Entry, in order: the columns of the SQL backends' tables.
+ENTRY_FIELDS: tuple[str, ...] = tuple(field.name for field in fields(Entry))
+
 
 class StoreError(Exception):
     """The store cannot do what was asked; the message names the file (or address) and the cause."""
@@ -99,6 +113,86 @@ class ForeignFileError(StoreError):
     """The file (or the Redis prefix, the PostgreSQL table) is not a postfix-mtasts cache (a text
     file, another program's database or keys): it is neither used nor moved, whatever state it is
     in."""
+
+
+def entry_from_row(row: Sequence[object]) -> Entry | None:
+    """A table row (the fields of `Entry` in order) as an Entry, or None when a damaged or
+    tampered table gave a field the wrong type: the row then counts as absent, like an oversized
+    one (for the SQL backends)."""
+    domain, record_id, policy_text, fetched_at, expires_at, checked_at, last_used, error, until = (
+        row
+    )
+    if not (
+        isinstance(domain, str)
+        and isinstance(record_id, str | None)
+        and isinstance(policy_text, str | None)
+        and isinstance(fetched_at, float | None)
+        and isinstance(expires_at, float | None)
+        and isinstance(checked_at, float | None)
+        and isinstance(last_used, float)
+        and isinstance(error, str)
+        and isinstance(until, float)
+    ):
+        return None
+    return Entry(
+        domain, record_id, policy_text, fetched_at, expires_at, checked_at, last_used, error, until
+    )
+
+
+# A domain name as a change notification carries it: a DNS name is at most 253 characters of
+# printable ASCII, and the names of a notification are separated by spaces.
+_ANNOUNCED_NAME = re.compile(r"[!-~]{1,253}")
+# An origin: secrets.token_hex(8) of the store object that made the change.
+_ORIGIN = re.compile(r"[0-9a-f]{16}")
+
+
+def is_announced_name(name: object) -> bool:
+    """Whether ``name`` may be carried by a change notification (a domain name in ASCII)."""
+    return isinstance(name, str) and _ANNOUNCED_NAME.fullmatch(name) is not None
+
+
+def announcements(origin: str, domains: Iterable[str], max_bytes: int) -> list[str]:
+    """The notifications ``ORIGIN DOMAIN DOMAIN ...`` that announce ``domains``: at most
+    MAX_DOMAIN_NAMES names and ``max_bytes`` bytes each. A name no watcher would accept (not
+    ASCII, too long) is left out: no daemon holds such a domain."""
+    payloads: list[str] = []
+    names: list[str] = []
+    size = len(origin)
+    for domain in domains:
+        if not is_announced_name(domain):
+            continue
+        if names and (len(names) >= MAX_DOMAIN_NAMES or size + 1 + len(domain) > max_bytes):
+            payloads.append(" ".join([origin, *names]))
+            names, size = [], len(origin)
+        names.append(domain)
+        size += 1 + len(domain)
+    if names:
+        payloads.append(" ".join([origin, *names]))
+    return payloads
+
+
+def announced(payload: str | bytes, own_origin: str, max_bytes: int) -> frozenset[str]:
+    """The domains a notification names; none when it is the watching store's own (``own_origin``),
+    longer than ``max_bytes``, or malformed in any way (another process's input is checked like
+    any other)."""
+    if len(payload) > max_bytes:
+        return frozenset()
+    if isinstance(payload, bytes):
+        try:
+            payload = payload.decode("ascii")
+        except UnicodeDecodeError:
+            return frozenset()
+    if not payload.isascii():
+        return frozenset()
+    origin, *names = payload.split(" ")
+    if (
+        origin == own_origin
+        or not _ORIGIN.fullmatch(origin)
+        or not 1 <= len(names) <= MAX_DOMAIN_NAMES
+        or not all(_ANNOUNCED_NAME.fullmatch(name) for name in names)
+    ):
+        return frozenset()
+    return frozenset(names)
 
 
 def check_entry(entry: Entry, where: str) -> None:

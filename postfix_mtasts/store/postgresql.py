@@ -57,13 +57,16 @@ from typing import Any, Literal, TypeVar
 from postfix_mtasts.store import (
     ALL,
     DEFAULT_TABLE,
-    MAX_DOMAIN_NAMES,
+    ENTRY_FIELDS,
     MAX_POLICY_TEXT,
     Entry,
     ForeignFileError,
     NewerSchemaError,
     StoreError,
+    announced,
+    announcements,
     check_entry,
+    entry_from_row,
     where_of,
 )
 
@@ -91,9 +94,6 @@ MAX_PAYLOAD = 7999
 # The table name config.py accepts (a PostgreSQL identifier, leaving room below the 63-byte
 # limit for the suffixes of the other tables, the index and the channel).
 _TABLE = re.compile(r"[a-z_][a-z0-9_]{0,47}")
-# A name in a notification: a DNS name in ASCII, no longer than DNS allows.
-_DOMAIN = re.compile(r"[!-~]{1,253}")
-_ORIGIN = re.compile(r"[0-9a-f]{16}")
 # A dead peer (a machine gone without closing its connections) is noticed within about
 # KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT seconds on an idle connection (the
 # watcher's), and a write nobody acknowledges fails after DEAD_PEER seconds.
@@ -106,17 +106,7 @@ DEAD_PEER = 10.0
 # runs at all, and leaves the connection usable.
 ANSWER_GRACE = 1.0
 
-_COLUMNS = (
-    "domain",
-    "record_id",
-    "policy_text",
-    "fetched_at",
-    "expires_at",
-    "checked_at",
-    "last_used",
-    "last_error",
-    "backoff_until",
-)
+_COLUMNS = ENTRY_FIELDS
 _TEXT_COLUMNS = ("record_id", "policy_text", "last_error")
 
 T = TypeVar("T")
@@ -304,14 +294,14 @@ class PostgresStore:
     def get(self, domain: str) -> Entry | None:
         def work(conn: psycopg.Connection[Any]) -> Entry | None:
             row = conn.execute(self._sql.get, (domain,)).fetchone()
-            return None if row is None else _entry(row)
+            return None if row is None else entry_from_row(row)
 
         return self._run(f"cannot read {domain}", work)
 
     def put(self, entry: Entry) -> None:
         check_entry(entry, self.where)
         values = tuple(getattr(entry, column) for column in _COLUMNS)
-        payloads = _payloads(self.origin, [entry.domain])
+        payloads = announcements(self.origin, [entry.domain], MAX_PAYLOAD)
 
         def work(conn: psycopg.Connection[Any]) -> None:
             # One statement, one transaction: the row and its announcement commit together.
@@ -355,7 +345,7 @@ class PostgresStore:
             with conn.transaction():
                 rows = conn.execute(self._sql.delete, (wanted,)).fetchall()
                 gone = [row[0] for row in rows]
-                for payload in _payloads(self.origin, gone):
+                for payload in announcements(self.origin, gone, MAX_PAYLOAD):
                     conn.execute("SELECT pg_notify(%s, %s)", (self._sql.channel, payload))
             return len(gone)
 
@@ -375,7 +365,7 @@ class PostgresStore:
 
             rows = self._run("cannot list entries", work)
             for row in rows:
-                entry = _entry(row)
+                entry = entry_from_row(row)
                 if entry is not None:
                     yield entry
             if len(rows) < ENTRIES_BATCH:
@@ -447,29 +437,14 @@ class PostgresWatcher:
             # The first batch within `timeout`, then whatever else already arrived. Each
             # generator is run to its end: one stopped early would drop the rest of its batch.
             for notify in conn.notifies(timeout=timeout, stop_after=1):
-                changed |= self._domains(notify.payload)
+                changed |= announced(notify.payload, self._store.origin, MAX_PAYLOAD)
             for notify in conn.notifies(timeout=0.0):
-                changed |= self._domains(notify.payload)
+                changed |= announced(notify.payload, self._store.origin, MAX_PAYLOAD)
         except psycopg.Error as exc:
             conn.close()
             self._conn = None
             raise self._store._error("lost the connection for changes", exc) from None
         return frozenset(changed)
-
-    def _domains(self, payload: str) -> set[str]:
-        """The domains a payload names; none for our own store's changes or a malformed one."""
-        if len(payload) > MAX_PAYLOAD or not payload.isascii():
-            return set()
-        origin, _, rest = payload.partition(" ")
-        names = rest.split(" ")
-        if (
-            origin == self._store.origin
-            or not _ORIGIN.fullmatch(origin)
-            or len(names) > MAX_DOMAIN_NAMES
-            or not all(_DOMAIN.fullmatch(name) for name in names)
-        ):
-            return set()
-        return set(names)
 
     def close(self) -> None:
         self._closed = True
@@ -681,54 +656,3 @@ def _one(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
     row = cursor.fetchone()
     assert row is not None
     return tuple(row)
-
-
-def _payloads(origin: str, domains: Iterable[str]) -> list[str]:
-    """``ORIGIN DOMAIN ...`` payloads naming ``domains``, split to stay within the limits a
-    watcher accepts. A name no watcher would accept (not ASCII, too long) is left out: no
-    daemon holds such a domain."""
-    payloads: list[str] = []
-    names: list[str] = []
-    size = len(origin)
-    for domain in domains:
-        if not _DOMAIN.fullmatch(domain):
-            continue
-        if names and (len(names) >= MAX_DOMAIN_NAMES or size + 1 + len(domain) > MAX_PAYLOAD):
-            payloads.append(" ".join([origin, *names]))
-            names, size = [], len(origin)
-        names.append(domain)
-        size += 1 + len(domain)
-    if names:
-        payloads.append(" ".join([origin, *names]))
-    return payloads
-
-
-def _entry(row: Any) -> Entry | None:
-    """The row as an Entry, or None when a tampered table gave a field the wrong type (the row
-    then counts as absent, like an oversized one)."""
-    domain, record_id, policy_text, fetched_at, expires_at, checked_at, last_used, error, until = (
-        row
-    )
-    if not (
-        isinstance(domain, str)
-        and isinstance(record_id, str | None)
-        and isinstance(policy_text, str | None)
-        and isinstance(fetched_at, float | None)
-        and isinstance(expires_at, float | None)
-        and isinstance(checked_at, float | None)
-        and isinstance(last_used, float)
-        and isinstance(error, str)
-        and isinstance(until, float)
-    ):
-        return None
-    return Entry(
-        domain=domain,
-        record_id=record_id,
-        policy_text=policy_text,
-        fetched_at=fetched_at,
-        expires_at=expires_at,
-        checked_at=checked_at,
-        last_used=last_used,
-        last_error=error,
-        backoff_until=until,
-    )

@@ -52,6 +52,8 @@ from postfix_mtasts.store import (
     ForeignFileError,
     NewerSchemaError,
     StoreError,
+    announced,
+    announcements,
     check_entry,
     where_of,
 )
@@ -77,11 +79,8 @@ _HEALTH_CHECK_INTERVAL = 30
 # Domains per script call in touch, delete, purge_unused and entries: each script blocks the
 # server while it runs, so big batches are split.
 _BATCH = 500
-# A domain name as announced: a DNS name is at most 253 characters, printable ASCII.
-_NAME = re.compile(r"[!-~]{1,253}")
 # An announcement: an origin (secrets.token_hex(8) of another store object) and up to
-# MAX_DOMAIN_NAMES names; anything longer is ignored unread beyond this.
-_ORIGIN = re.compile(r"[!-~]{1,64}")
+# MAX_DOMAIN_NAMES names; anything longer is ignored.
 _MAX_PAYLOAD = 65 + 254 * MAX_DOMAIN_NAMES
 # Messages a watcher takes in one wait() once the first came: it returns promptly under a flood.
 _MAX_MESSAGES_PER_WAIT = 1000
@@ -393,9 +392,7 @@ class RedisStore:
             value = getattr(entry, name)
             if value is not None:
                 pairs += [name, value if isinstance(value, str) else _number(value)]
-        announcement = (
-            f"{self.origin} {entry.domain}" if _NAME.fullmatch(entry.domain) is not None else ""
-        )
+        announcement = "".join(announcements(self.origin, [entry.domain], _MAX_PAYLOAD))
         with self._doing(f"cannot store {entry.domain}"):
             self._scripts["put"](
                 keys=[self._schema_key, self._key(entry.domain), self._index_key],
@@ -595,7 +592,9 @@ class RedisWatcher:
                         continue
                     taken += 1
                     if message.get("type") == "message":
-                        changed |= self._domains(message.get("data"))
+                        data = message.get("data")
+                        if isinstance(data, bytes):
+                            changed |= announced(data, self._origin, _MAX_PAYLOAD)
         except StoreError:
             self._pubsub = None
             pubsub.close()
@@ -605,23 +604,6 @@ class RedisWatcher:
                 return frozenset()
             raise
         return frozenset(changed)
-
-    def _domains(self, data: object) -> frozenset[str]:
-        """The domains of one announcement; nothing when it is ours, malformed or oversized."""
-        if not isinstance(data, bytes) or len(data) > _MAX_PAYLOAD:
-            return frozenset()
-        try:
-            origin, *names = data.decode("ascii").split(" ")
-        except UnicodeDecodeError:
-            return frozenset()
-        if (
-            origin == self._origin
-            or not _ORIGIN.fullmatch(origin)
-            or not 1 <= len(names) <= MAX_DOMAIN_NAMES
-            or not all(_NAME.fullmatch(name) for name in names)
-        ):
-            return frozenset()
-        return frozenset(names)
 
     def close(self) -> None:
         self._closed = True

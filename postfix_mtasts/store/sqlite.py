@@ -55,6 +55,7 @@ from typing import Literal
 
 from postfix_mtasts.store import (
     ALL,
+    ENTRY_FIELDS,
     MAX_DOMAIN_NAMES,
     MAX_POLICY_TEXT,
     CorruptStoreError,
@@ -62,6 +63,8 @@ from postfix_mtasts.store import (
     ForeignFileError,
     StoreError,
     check_entry,
+    entry_from_row,
+    is_announced_name,
 )
 
 __all__ = [
@@ -112,21 +115,22 @@ _CANNOT_WRITE_ERRNOS = frozenset(
 )
 
 
+# Reading only: as usual, then (where the -shm file of a WAL cannot be made) as immutable.
+_READ_ONLY_MODES = ("mode=ro", "mode=ro&immutable=1")
+
+
+def _connect_read_only(path: str, mode: str, busy_timeout: float) -> sqlite3.Connection:
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?{mode}"
+    return sqlite3.connect(
+        uri, uri=True, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+    )
+
+
 class _CannotWrite(StoreError):
     """The file could not be opened for writing; reading it may still work."""
 
 
-_COLUMNS = (
-    "domain",
-    "record_id",
-    "policy_text",
-    "fetched_at",
-    "expires_at",
-    "checked_at",
-    "last_used",
-    "last_error",
-    "backoff_until",
-)
+_COLUMNS = ENTRY_FIELDS
 _SELECT = (
     f"SELECT {', '.join(_COLUMNS)} FROM entries"
     # Rows a damaged or tampered file holds with an oversized text are not read into memory; they
@@ -197,16 +201,9 @@ class SqliteStore:
         cannot be created (a read-only directory, a full disk), the file is read as immutable,
         which sees no later change by another process: better than no policies at all."""
         failure: StoreError | None = None
-        for mode in ("mode=ro", "mode=ro&immutable=1"):
-            uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?{mode}"
+        for mode in _READ_ONLY_MODES:
             try:
-                db = sqlite3.connect(
-                    uri,
-                    uri=True,
-                    timeout=self._busy_timeout,
-                    isolation_level=None,
-                    check_same_thread=False,
-                )
+                db = _connect_read_only(self.path, mode, self._busy_timeout)
             except sqlite3.Error as exc:
                 failure = self._error("cannot open for reading", exc)
                 continue
@@ -404,7 +401,7 @@ class SqliteStore:
     def get(self, domain: str) -> Entry | None:
         with self._connection(f"cannot read {domain}") as db:
             row = db.execute(f"{_SELECT} AND domain = ?", (domain,)).fetchone()
-        return None if row is None else _entry(row)
+        return None if row is None else entry_from_row(row)
 
     def put(self, entry: Entry) -> None:
         check_entry(entry, self.path)
@@ -462,7 +459,7 @@ class SqliteStore:
                         (after, _ENTRIES_BATCH),
                     ).fetchall()
             for row in rows:
-                found = _entry(row)
+                found = entry_from_row(row)
                 if found is not None:
                     yield found
             if len(rows) < _ENTRIES_BATCH:
@@ -594,17 +591,10 @@ class SqliteWatcher:
         held). As the store's reading does, fall back to reading it as immutable where its
         -shm file cannot be made: such a watcher never hears of a change."""
         failure: StoreError | None = None
-        for mode in ("mode=ro", "mode=ro&immutable=1"):
+        for mode in _READ_ONLY_MODES:
             try:
                 stat = os.stat(self.path)
-                uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?{mode}"
-                db = sqlite3.connect(
-                    uri,
-                    uri=True,
-                    timeout=self._busy_timeout,
-                    isolation_level=None,
-                    check_same_thread=False,
-                )
+                db = _connect_read_only(self.path, mode, self._busy_timeout)
             except OSError as exc:
                 raise StoreError(
                     f"{self.path}: cannot watch for changes: {exc.strerror or exc}"
@@ -686,7 +676,7 @@ class SqliteWatcher:
             self._position = _newest_change(db)
             return ALL
         self._position = rows[-1][0]
-        return frozenset(domain for _, domain, own in rows if not own and _is_domain_name(domain))
+        return frozenset(domain for _, domain, own in rows if not own and is_announced_name(domain))
 
 
 def _newest_change(db: sqlite3.Connection) -> int | None:
@@ -705,49 +695,6 @@ def _newest_change(db: sqlite3.Connection) -> int | None:
         " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0))"
     ).fetchone()[0]
     return newest if isinstance(newest, int) else 0
-
-
-def _is_domain_name(name: object) -> bool:
-    """A name from the change log looks like a domain name (what a tampered log holds else is
-    ignored)."""
-    return (
-        isinstance(name, str)
-        and 0 < len(name) <= _MAX_DOMAIN
-        and name.isascii()
-        and name.isprintable()
-        and " " not in name
-    )
-
-
-def _entry(row: tuple[object, ...]) -> Entry | None:
-    """The row as an Entry, or None when a damaged or tampered file gave a field the wrong type
-    (the row then counts as absent, like an oversized one)."""
-    domain, record_id, policy_text, fetched_at, expires_at, checked_at, last_used, error, until = (
-        row
-    )
-    if not (
-        isinstance(domain, str)
-        and isinstance(record_id, str | None)
-        and isinstance(policy_text, str | None)
-        and isinstance(fetched_at, float | None)
-        and isinstance(expires_at, float | None)
-        and isinstance(checked_at, float | None)
-        and isinstance(last_used, float)
-        and isinstance(error, str)
-        and isinstance(until, float)
-    ):
-        return None
-    return Entry(
-        domain=domain,
-        record_id=record_id,
-        policy_text=policy_text,
-        fetched_at=fetched_at,
-        expires_at=expires_at,
-        checked_at=checked_at,
-        last_used=last_used,
-        last_error=error,
-        backoff_until=until,
-    )
 
 
 def check_ours(path: str) -> None:
