@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeVar
 
 import pytest
 
@@ -44,29 +45,30 @@ def hostile_dns(bed: Bed) -> Iterator[HostileDNS]:
         server.close()
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """Debian's redis-server on loopback, in a temporary directory (a failure, never a skip)."""
+_Server = TypeVar("_Server", RedisServer, PostgresServer)
+
+
+def _started(kind: type[_Server], what: str) -> Iterator[_Server]:
+    """A server of ``kind`` for the session; one that does not start fails the tests that use
+    it, never skips them."""
     try:
-        server = RedisServer()
+        server = kind()
         server.start()
     except ServerError as exc:
-        pytest.fail(f"redis-server did not start: {exc}", pytrace=False)
+        pytest.fail(f"{what} did not start: {exc}", pytrace=False)
     try:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """Debian's redis-server on loopback, in a temporary directory."""
+    yield from _started(RedisServer, "redis-server")
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    """A PostgreSQL cluster of its own on loopback (a failure, never a skip)."""
-    try:
-        server = PostgresServer()
-        server.start()
-    except ServerError as exc:
-        pytest.fail(f"PostgreSQL did not start: {exc}", pytrace=False)
-    try:
-        yield server
-    finally:
-        server.cleanup()
+    """A PostgreSQL cluster of its own on loopback."""
+    yield from _started(PostgresServer, "PostgreSQL")
