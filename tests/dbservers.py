@@ -236,6 +236,9 @@ class PostgresServer:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         _wait_for_port(self.port, self.process, self.log, "postgres")
+        # The server accepts connections a moment before it accepts logins ("the database system
+        # is starting up"), after a restart as after the first start.
+        self._wait_for_logins()
         if first:
             self._setup()
 
@@ -271,17 +274,18 @@ class PostgresServer:
             raise ServerError(f"psql {sql!r}: {done.stderr.strip()}")
         return done.stdout
 
-    def _setup(self) -> None:
-        # The server accepts connections a moment before it accepts logins.
+    def _wait_for_logins(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
                 self.psql("SELECT 1")
-                break
+                return
             except ServerError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.1)
+                time.sleep(0.05)
+
+    def _setup(self) -> None:
         self.psql(f"CREATE DATABASE {self.database}")
         self.psql(f"CREATE ROLE fleet LOGIN PASSWORD '{PASSWORD}'")
         self.psql(f"GRANT ALL ON DATABASE {self.database} TO fleet")
