@@ -17,6 +17,14 @@ A lookup goes through up to three steps:
 
 Between lookups, :func:`keep_in_memory`, :func:`check_due` and :func:`purge_horizons` say what
 maintenance forgets, refreshes and removes.
+
+Policy changes. A real fetch is the only moment the cached policy meets its successor, so
+:func:`after_fetch` also says what changed that a postmaster should hear of: a downgrade from
+``enforce``, a new set of MX patterns, a ``max_age`` cut to under a day, or the first failed fetch
+of a run while the TXT record is present. Each is one WARNING note starting
+``policy-change: DOMAIN: `` and a kind in ``Outcome.changes`` (:data:`POLICY_CHANGES`), which
+:mod:`policydb` counts. What only reads the cache (memory, the store, another daemon's entry) never
+compares, so a restart or a fleet's shared entry raises no alert twice.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from postfix_mtasts.store import Entry
 
 __all__ = [
     "DNS_RETRY_INTERVAL",
+    "POLICY_CHANGES",
     "Answer",
     "Decision",
     "Fetch",
@@ -63,6 +72,18 @@ PARSED_POLICIES = 1024
 
 # Something for the postmaster's log: (logging level, message).
 Note = tuple[int, str]
+
+# The kinds of policy change, the keys of PolicyDB.policy_changes: a downgrade from enforce, a
+# changed MX pattern set, a max_age cut to under a day, fetches failing while the record is there.
+POLICY_CHANGES = ("downgrade", "mx", "max_age", "fetch_failing")
+# Every policy-change line starts with this, then the domain and ": ": one string to grep for.
+CHANGE_PREFIX = "policy-change: "
+# A max_age cut below this is a change worth a line: a policy that short lapses within a day of
+# its host becoming unreachable, which is what an attacker who can block the fetch waits for.
+SHORT_MAX_AGE = 86400
+# At most this many characters of text from the remote domain (MX patterns, a failure's cause)
+# go into one policy-change line.
+MAX_CHANGE_TEXT = 300
 
 
 @functools.lru_cache(maxsize=PARSED_POLICIES)
@@ -142,7 +163,9 @@ class Outcome:
     """The end of a lookup: the entry to store, the decision to answer with, until when it may be
     answered and from when to check it again, a one-line ``summary`` and ``notes`` for the log.
     ``defer`` is set when the network settled nothing and the store, which may hold an unexpired
-    policy that must be applied (§5), could not be read: a local failure, not "no policy"."""
+    policy that must be applied (§5), could not be read: a local failure, not "no policy".
+    ``changes``: the kinds of policy change (:data:`POLICY_CHANGES`) this lookup's fetch found,
+    each also a ``policy-change:`` note."""
 
     entry: Entry
     decision: Decision
@@ -151,6 +174,7 @@ class Outcome:
     summary: str
     notes: tuple[Note, ...] = ()
     defer: str = ""
+    changes: tuple[str, ...] = ()
 
 
 def when(timestamp: float | None) -> str:
@@ -312,6 +336,7 @@ def _outcome(
     summary: str,
     notes: tuple[Note, ...] = (),
     failure: str = "",
+    changes: tuple[str, ...] = (),
 ) -> Outcome:
     """The outcome of a lookup. ``settled``: the network said something definite (a record, or
     no record), and a failure of its own to fetch a policy does not count as such."""
@@ -321,13 +346,92 @@ def _outcome(
         defer = f"{domain}: {summary}; and the cache cannot be read ({plan.unread})"
     entry = replace(entry, last_used=max(entry.last_used, plan.now))
     valid_until, check_after = _schedule(entry, policy, settings)
-    return Outcome(entry, decision, valid_until, check_after, summary, plan.notes + notes, defer)
+    return Outcome(
+        entry, decision, valid_until, check_after, summary, plan.notes + notes, defer, changes
+    )
 
 
 def _keeping(domain: str, cause: str, cached: Policy, base: Entry) -> Note:
     return (
         logging.WARNING,
         f"{domain}: {cause}; keeping the cached {cached.mode} policy until {when(base.expires_at)}",
+    )
+
+
+def _printable(text: str, limit: int = MAX_CHANGE_TEXT) -> str:
+    """``text`` from a remote domain as it may enter a log line: ASCII without control characters
+    (anything else written as its Python escape), at most ``limit`` characters."""
+    shown = "".join(c if " " <= c <= "~" else ascii(c)[1:-1] for c in text)
+    if len(shown) > limit:
+        shown = shown[: limit - 3] + "..."
+    return shown
+
+
+def _mx_patterns(policy: Policy) -> str:
+    """The policy's MX patterns in its order, each once, as one bounded, comma-separated string.
+    The parser let only host names through; the bound is for a policy with very many lines."""
+    patterns = [_printable(pattern) for pattern in dict.fromkeys(str(mx) for mx in policy.mx)]
+    shown = ""
+    for count, pattern in enumerate(patterns):
+        joined = f"{shown},{pattern}" if shown else pattern
+        if len(joined) > MAX_CHANGE_TEXT:
+            return f"{shown},... ({len(patterns) - count} more)"
+        shown = joined
+    return shown or "(none)"
+
+
+def _change(domain: str, what: str) -> Note:
+    return (logging.WARNING, f"{CHANGE_PREFIX}{domain}: {what}")
+
+
+def _policy_changes(
+    domain: str, cached: Policy, policy: Policy
+) -> tuple[tuple[Note, ...], tuple[str, ...]]:
+    """What a fetched ``policy`` changes against the ``cached`` one it replaces: notes for the log
+    and the kinds of change (:data:`POLICY_CHANGES`)."""
+    notes: list[Note] = []
+    kinds: list[str] = []
+    old, new = cached.mode, policy.mode
+    if old is Mode.ENFORCE and new is not Mode.ENFORCE:
+        # A downgrade is what an attacker who controls discovery would serve (§10.2); the
+        # domain may also have meant it, which only its postmaster can tell.
+        if new is Mode.NONE:
+            why = "the domain withdrew MTA-STS (§8.3), or someone wants that believed"
+        else:
+            why = "MX hosts failing the policy are delivered to anyway"
+        notes.append(_change(domain, f"mode {old} -> {new} (a downgrade: {why})"))
+        kinds.append("downgrade")
+    elif new is Mode.ENFORCE and old is not Mode.ENFORCE:
+        # An upgrade is what the domain asked for, not an alert; but deliveries that worked in
+        # testing mode may be deferred from now on, so it is worth a line.
+        notes.append(
+            (
+                logging.INFO,
+                f"{domain}: mode {old} -> {new} (an upgrade: MX hosts failing the policy are"
+                " deferred from now on)",
+            )
+        )
+    elif new is Mode.NONE and old is not Mode.NONE:
+        # §8.3: a published "none" policy is how a domain withdraws MTA-STS.
+        notes.append((logging.INFO, f"{domain}: the domain withdrew its {old} policy (mode: none)"))
+    # The MX patterns of a "none" policy apply to nothing: only two applied sets are compared.
+    if old is not Mode.NONE and new is not Mode.NONE:
+        before = {str(mx) for mx in cached.mx}
+        if before != {str(mx) for mx in policy.mx}:
+            change = f"mx {_mx_patterns(cached)} -> {_mx_patterns(policy)}"
+            notes.append(_change(domain, change))
+            kinds.append("mx")
+    if cached.max_age >= SHORT_MAX_AGE > policy.max_age:
+        notes.append(_change(domain, f"max_age {cached.max_age} -> {policy.max_age} (under a day)"))
+        kinds.append("max_age")
+    return tuple(notes), tuple(kinds)
+
+
+def _fetch_failed(entry: Entry) -> bool:
+    """Whether ``entry`` was last left by a failed policy fetch: a run of failures is on."""
+    return any(
+        entry.last_error.startswith(f"{entry.domain}: {error.what} (")
+        for error in (mtasts.PolicyFetchError, mtasts.NoPolicyError, mtasts.PolicySyntaxError)
     )
 
 
@@ -381,7 +485,15 @@ def after_fetch(
     settings: CacheConfig,
 ) -> Outcome:
     """RFC 8461 §3.3: the outcome of the policy fetch that :func:`after_record` asked for
-    (``fetched``: the policy and its text as served, or why it could not be had)."""
+    (``fetched``: the policy and its text as served, or why it could not be had).
+
+    When a policy is cached, the outcome also carries what changed (``changes`` and a
+    ``policy-change:`` note each): against the fetched policy, a downgrade from ``enforce``, a
+    changed set of MX patterns (their order does not count; nor do the patterns of a ``none``
+    policy), a ``max_age`` cut from a day or more to under a day; or, when the fetch failed, the
+    first failure of a run (the entry was not left by a failed fetch; the run ends with a
+    successful one). ``testing`` -> ``enforce`` is an upgrade: an INFO note, not a change. A
+    domain with no policy cached has nothing to change: its failures are the summary's."""
     now, base, cached = plan.now, plan.base, plan.cached
     if isinstance(fetched, mtasts.MTASTSError):
         # §3.3: after a failed fetch, at most one attempt per five minutes.
@@ -396,13 +508,28 @@ def after_fetch(
             failure = mtasts.tls_report_failure_reason(fetched)
             summary = f"{fetched.what}: {fetched.cause}"
             return _outcome(domain, plan, settings, False, new, None, summary, failure=failure)
-        note = (
-            logging.WARNING,
-            f"{domain}: policy refresh failed ({fetched.cause}); keeping the cached"
-            f" {cached.mode} policy until {when(base.expires_at)}",
-        )
+        keeping = f"keeping the cached {cached.mode} policy until {when(base.expires_at)}"
+        changes: tuple[str, ...] = ()
+        if _fetch_failed(base):
+            # The run of failures was announced at its first failure; each retry is a plain note.
+            note = (
+                logging.WARNING,
+                f"{domain}: policy refresh failed ({_printable(fetched.cause)}); {keeping}",
+            )
+        else:
+            cause = fetched.cause
+            if type(fetched) is not mtasts.PolicyFetchError:
+                cause = f"{fetched.what}: {cause}"
+            note = _change(
+                domain,
+                f"policy fetch failing while its TXT record (id {record.id}) is present:"
+                f" {_printable(cause)}; {keeping}",
+            )
+            changes = ("fetch_failing",)
         summary = f"refresh failed, kept cached: {fetched.cause}"
-        return _outcome(domain, plan, settings, True, new, cached, summary, (note,))
+        return _outcome(
+            domain, plan, settings, True, new, cached, summary, (note,), changes=changes
+        )
     policy, text = fetched
     # Only a successful fetch extends the policy's life (§3.3, §5).
     new = replace(
@@ -416,13 +543,11 @@ def after_fetch(
         backoff_until=0.0,
     )
     notes: tuple[Note, ...] = ()
-    if policy.mode is Mode.NONE and cached is not None and cached.mode is not Mode.NONE:
-        # §8.3: a published "none" policy is how a domain withdraws MTA-STS.
-        notes = (
-            (logging.INFO, f"{domain}: the domain withdrew its {cached.mode} policy (mode: none)"),
-        )
+    kinds: tuple[str, ...] = ()
+    if cached is not None:
+        notes, kinds = _policy_changes(domain, cached, policy)
     summary = f"{policy.mode} policy, id {record.id}"
-    return _outcome(domain, plan, settings, True, new, policy, summary, notes)
+    return _outcome(domain, plan, settings, True, new, policy, summary, notes, changes=kinds)
 
 
 def forced_plan(domain: str, stored: Entry | None, now: float) -> Plan:

@@ -26,6 +26,7 @@ answer, is a dict look-up and two comparisons.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -203,6 +204,12 @@ class PolicyDB:
     :mod:`postfix_mtasts.fetch`; ``store`` persists entries (see :mod:`postfix_mtasts.store`);
     ``settings`` is the ``[cache]`` table of the configuration.
     Create it and call every method from the event loop's thread.
+
+    ``policy_changes`` counts the policy changes this daemon's own fetches found, by kind
+    (``cache_rules.POLICY_CHANGES``: "downgrade", "mx", "max_age", "fetch_failing"), each also
+    logged as a ``policy-change:`` WARNING line. Entries read from the store or adopted from
+    another daemon of a fleet are not compared, so a change counts once, where it was fetched.
+    It is only ever increased, on the event loop's thread, for a reader such as a metrics exporter.
     """
 
     def __init__(
@@ -266,6 +273,9 @@ class PolicyDB:
         self.hits = 0
         self.misses = 0
         self.network_lookups = 0
+        self.policy_changes: collections.Counter[str] = collections.Counter(
+            dict.fromkeys(cache_rules.POLICY_CHANGES, 0)
+        )
 
     @property
     def settings(self) -> CacheConfig:
@@ -581,6 +591,7 @@ class PolicyDB:
                 )
             finally:
                 turns.release()
+            self.policy_changes.update(outcome.changes)
             self._local.succeeded()
             saved = await self._save_async(outcome.entry, release=leased)
             leased = False

@@ -530,3 +530,259 @@ def test_held_decision_without_a_policy_is_the_entrys_without_one() -> None:
     assert decision is not None
     assert decision.policy is None
     assert decision.error == no_record_entry().last_error
+
+
+# --------------------------------------------------------------------------------------------------
+# Policy changes: what a fetch changes against the cached policy, for the postmaster's alerts.
+
+CHANGE = "policy-change: example.com: "
+
+
+def cached_entry(text: str, at: float = T0) -> Entry:
+    """An entry as a successful fetch of ``text`` at ``at`` leaves it."""
+    max_age = mtasts.parse_policy(text, D).max_age
+    return Entry(D, "1", text, at, at + max_age, at, at)
+
+
+def served(text: str) -> tuple[mtasts.Policy, str]:
+    return mtasts.parse_policy(text, D), text
+
+
+@dataclass(frozen=True)
+class Change:
+    rule: str
+    cached: str
+    fetched: str | mtasts.MTASTSError
+    kinds: tuple[str, ...]
+    # The WARNING lines expected, each given by its start (the rest is explanation).
+    lines: tuple[str, ...]
+
+
+MX2 = "mail.example.com\nmx: *.example.net"
+MX2_REORDERED = "*.example.net\nmx: mail.example.com"
+
+CHANGES = [
+    Change("the same policy fetched again: no change", policy_text(), policy_text(), (), ()),
+    Change(
+        "mx order changed only: the same set, no change",
+        policy_text(mx=MX2),
+        policy_text(mx=MX2_REORDERED),
+        (),
+        (),
+    ),
+    Change(
+        "max_age raised: no change",
+        policy_text(max_age=3600),
+        policy_text(max_age=604800),
+        (),
+        (),
+    ),
+    Change(
+        "enforce -> testing: a downgrade",
+        policy_text(),
+        policy_text("testing"),
+        ("downgrade",),
+        (CHANGE + "mode enforce -> testing (a downgrade: ",),
+    ),
+    Change(
+        "enforce -> none: a downgrade",
+        policy_text(),
+        policy_text("none"),
+        ("downgrade",),
+        (CHANGE + "mode enforce -> none (a downgrade: the domain withdrew MTA-STS",),
+    ),
+    Change(
+        "testing -> none: a withdrawal, not a downgrade from enforce",
+        policy_text("testing"),
+        policy_text("none"),
+        (),
+        (),
+    ),
+    Change(
+        "testing -> enforce: an upgrade, no alert",
+        policy_text("testing"),
+        policy_text(),
+        (),
+        (),
+    ),
+    Change(
+        "mx set replaced",
+        policy_text(mx=MX2),
+        policy_text(mx="mx.evil.example"),
+        ("mx",),
+        (CHANGE + "mx mail.example.com,*.example.net -> mx.evil.example",),
+    ),
+    Change(
+        "mx pattern added",
+        policy_text(),
+        policy_text(mx=MX2),
+        ("mx",),
+        (CHANGE + "mx mail.example.com -> mail.example.com,*.example.net",),
+    ),
+    Change(
+        "max_age cut from a week to an hour",
+        policy_text(max_age=604800),
+        policy_text(max_age=3600),
+        ("max_age",),
+        (CHANGE + "max_age 604800 -> 3600 (under a day)",),
+    ),
+    Change(
+        "max_age cut from exactly a day to a second under it",
+        policy_text(max_age=86400),
+        policy_text(max_age=86399),
+        ("max_age",),
+        (CHANGE + "max_age 86400 -> 86399 (under a day)",),
+    ),
+    Change(
+        "max_age cut but still a day: no change",
+        policy_text(max_age=604800),
+        policy_text(max_age=86400),
+        (),
+        (),
+    ),
+    Change(
+        "max_age cut while already under a day: no change",
+        policy_text(max_age=7200),
+        policy_text(max_age=3600),
+        (),
+        (),
+    ),
+    Change(
+        "downgrade, new mx and a short max_age at once: three lines",
+        policy_text(max_age=604800),
+        policy_text("testing", 600, "mx.evil.example"),
+        ("downgrade", "mx", "max_age"),
+        (
+            CHANGE + "mode enforce -> testing (a downgrade: ",
+            CHANGE + "mx mail.example.com -> mx.evil.example",
+            CHANGE + "max_age 604800 -> 600 (under a day)",
+        ),
+    ),
+    Change(
+        "a fetch failing while the record is there: the first failure of a run",
+        policy_text(),
+        FETCH_FAILED,
+        ("fetch_failing",),
+        (
+            CHANGE + "policy fetch failing while its TXT record (id 2) is present: HTTP 500;"
+            " keeping the cached enforce policy until ",
+        ),
+    ),
+    Change(
+        "no policy served (404): a fetch failing",
+        policy_text(),
+        mtasts.NoPolicyError(D, "HTTP 404"),
+        ("fetch_failing",),
+        (
+            CHANGE
+            + "policy fetch failing while its TXT record (id 2) is present: no policy served:",
+        ),
+    ),
+    Change(
+        "a policy that does not parse: a fetch failing",
+        policy_text(),
+        mtasts.PolicySyntaxError(D, 'no "max_age" field'),
+        ("fetch_failing",),
+        (
+            CHANGE + "policy fetch failing while its TXT record (id 2) is present:"
+            ' invalid policy: no "max_age" field;',
+        ),
+    ),
+]
+
+
+def warnings_of(outcome: Outcome) -> list[str]:
+    return [message for level, message in outcome.notes if level >= logging.WARNING]
+
+
+@pytest.mark.parametrize("row", CHANGES, ids=[row.rule for row in CHANGES])
+def test_policy_changes(row: Change) -> None:
+    fetch = row.fetched if isinstance(row.fetched, mtasts.MTASTSError) else served(row.fetched)
+    outcome = lookup(T0 + 400, cached_entry(row.cached), record("2"), fetch)
+    assert outcome.changes == row.kinds
+    changes = [line for line in warnings_of(outcome) if line.startswith("policy-change: ")]
+    assert len(changes) == len(row.lines), changes
+    for line, start in zip(changes, row.lines, strict=True):
+        assert line.startswith(start), line
+    assert set(outcome.changes) <= set(cache_rules.POLICY_CHANGES)
+
+
+def test_an_upgrade_to_enforce_is_an_info_line() -> None:
+    outcome = lookup(T0 + 400, cached_entry(policy_text("testing")), record("2"), fetched())
+    assert outcome.notes == (
+        (
+            logging.INFO,
+            "example.com: mode testing -> enforce (an upgrade: MX hosts failing the policy are"
+            " deferred from now on)",
+        ),
+    )
+
+
+def test_a_first_fetch_compares_nothing() -> None:
+    for fetch in (fetched("testing", 60), FETCH_FAILED):
+        outcome = lookup(T0, None, record(), fetch)
+        assert outcome.changes == ()
+        assert not any(message.startswith("policy-change") for _, message in outcome.notes)
+
+
+def test_a_run_of_failed_fetches_is_announced_once_and_ends_with_a_success() -> None:
+    entry: Entry = cached_entry(policy_text())
+    now = T0 + 400
+    seen: list[tuple[str, ...]] = []
+    for fetch in (FETCH_FAILED, FETCH_FAILED, FETCH_FAILED, fetched(), FETCH_FAILED):
+        outcome = lookup(now, entry, record(str(len(seen) + 2)), fetch)
+        seen.append(outcome.changes)
+        entry = outcome.entry
+        now += S.fetch_retry_interval + 1
+    assert seen == [("fetch_failing",), (), (), (), ("fetch_failing",)]
+
+
+def test_a_retry_within_a_run_is_the_plain_refresh_note() -> None:
+    first = lookup(T0 + 400, cached_entry(policy_text()), record("2"), FETCH_FAILED)
+    again = lookup(T0 + 400 + S.fetch_retry_interval + 1, first.entry, record("2"), FETCH_FAILED)
+    assert again.changes == ()
+    assert warnings_of(again) == [
+        f"example.com: policy refresh failed (HTTP 500); keeping the cached enforce policy until"
+        f" {cache_rules.when(T0 + MAX_AGE)}"
+    ]
+
+
+def test_a_remote_cause_is_made_printable_and_bounded() -> None:
+    cause = "HTTP 500 \x1b[31mred\r\nforged: line\x00" + "x" * 5000
+    outcome = lookup(
+        T0 + 400, cached_entry(policy_text()), record("2"), mtasts.PolicyFetchError(D, cause)
+    )
+    (line,) = warnings_of(outcome)
+    assert line.isprintable() and line.isascii()
+    assert "\\x1b[31mred\\r\\nforged: line\\x00" in line
+    assert len(line) < 600
+
+
+def test_a_long_mx_list_is_bounded() -> None:
+    many = "\nmx: ".join(f"mx{n}.example.com" for n in range(200))
+    outcome = lookup(
+        T0 + 400, cached_entry(policy_text()), record("2"), served(policy_text(mx=many))
+    )
+    (line,) = warnings_of(outcome)
+    assert line.startswith(CHANGE + "mx mail.example.com -> mx0.example.com,mx1.example.com,")
+    assert line.endswith(" more)")
+    assert len(line) < 2 * cache_rules.MAX_CHANGE_TEXT + 100
+
+
+@given(
+    old=st.sampled_from(list(Mode)),
+    new=st.sampled_from(list(Mode)),
+    old_age=st.integers(min_value=0, max_value=31557600),
+    new_age=st.integers(min_value=0, max_value=31557600),
+)
+def test_every_change_is_one_warning_line_of_its_kind(
+    old: Mode, new: Mode, old_age: int, new_age: int
+) -> None:
+    cached = policy_text(old, old_age)
+    plan = Plan(T0, cached_entry(cached), mtasts.parse_policy(cached, D))
+    outcome = after_fetch(D, plan, record("2"), served(policy_text(new, new_age)), S)
+    lines = [message for message in warnings_of(outcome) if message.startswith(CHANGE)]
+    assert len(lines) == len(outcome.changes) == len(warnings_of(outcome))
+    assert ("downgrade" in outcome.changes) == (old is Mode.ENFORCE and new is not Mode.ENFORCE)
+    assert ("max_age" in outcome.changes) == (old_age >= 86400 > new_age)
+    assert "mx" not in outcome.changes
