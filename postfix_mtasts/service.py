@@ -4,7 +4,8 @@ The parts are built from the configuration: the listeners are bound (as root, fo
 ports and socket paths), python-daemon's `DaemonContext` detaches, writes the pid file and
 becomes the configured user, then the cache (`policydb`, its store) is opened and the `server`
 serves the `responder`. Request handling itself lives in those modules, not here; this one
-answers SIGTERM/SIGINT (stop), SIGHUP (reload) and tells systemd how it goes (sd_notify).
+answers SIGTERM/SIGINT (stop), SIGHUP (reload) and tells systemd how it goes (sd_notify:
+readiness, a one-line status, and watchdog pings from the event loop).
 """
 
 from __future__ import annotations
@@ -289,28 +290,30 @@ class _Notifier:
     def __init__(self, status: Callable[[], str], watchdog: float) -> None:
         self._status = status
         self._watchdog = watchdog
-        self._timers: list[asyncio.TimerHandle] = []
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._status_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         if not os.environ.get("NOTIFY_SOCKET"):
             return
         loop = asyncio.get_running_loop()
         if self._watchdog:
-            self._timers.append(loop.call_later(self._watchdog, self._ping, loop))
-        self._timers.append(loop.call_later(STATUS_INTERVAL, self._refresh, loop))
+            self._ping_timer = loop.call_later(self._watchdog, self._ping, loop)
+        self._status_timer = loop.call_later(STATUS_INTERVAL, self._refresh, loop)
 
     def _ping(self, loop: asyncio.AbstractEventLoop) -> None:
         notify("WATCHDOG=1")
-        self._timers[0] = loop.call_later(self._watchdog, self._ping, loop)
+        self._ping_timer = loop.call_later(self._watchdog, self._ping, loop)
 
     def _refresh(self, loop: asyncio.AbstractEventLoop) -> None:
         notify(f"STATUS={self._status()}")
-        self._timers[-1] = loop.call_later(STATUS_INTERVAL, self._refresh, loop)
+        self._status_timer = loop.call_later(STATUS_INTERVAL, self._refresh, loop)
 
     def stop(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+        for timer in (self._ping_timer, self._status_timer):
+            if timer is not None:
+                timer.cancel()
+        self._ping_timer = self._status_timer = None
 
 
 # --------------------------------------------------------------------------------------------------
