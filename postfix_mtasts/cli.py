@@ -1,4 +1,4 @@
-"""The ``postfix-mtasts`` command: ``serve``, ``query``, ``cache`` and ``check-config``.
+"""The ``postfix-mtasts`` command: ``serve``, ``query``, ``cache``, ``check-config`` and ``health``.
 
 Heavy modules (dnspython, requests, asyncio) are imported inside the subcommand that needs them, so
 that ``query --socketmap`` and ``--help`` start quickly.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -132,7 +133,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_option(check)
     check.set_defaults(handler=_check_config)
+
+    health = commands.add_parser(
+        "health",
+        help="check that a running daemon answers, like a monitoring plugin",
+        description=(
+            "Ask the running daemon a key it answers without any lookup (a parent-domain probe,"
+            f" {HEALTH_KEY!r} under map name {HEALTH_MAP!r}, answered NOTFOUND at once) and print"
+            " one line: OK with the time the answer took, or CRITICAL with the endpoint and the"
+            " cause (refused, no answer in time, wrong answer). For monitoring systems and"
+            " container health checks."
+        ),
+        epilog=HEALTH_EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_option(health)
+    health.add_argument(
+        "--socketmap",
+        metavar="ENDPOINT",
+        help="the daemon to ask, inet:HOST:PORT or unix:PATH (default: the first listener of the"
+        f" configuration; {HEALTH_SYSTEMD_ENDPOINT} when that is 'systemd')",
+    )
+    health.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=HEALTH_TIMEOUT,
+        metavar="SECONDS",
+        help="for connecting and the answer together (default: %(default)g, at most 300)",
+    )
+    health.set_defaults(handler=_health)
     return parser
+
+
+# `health`: the probe, a key every daemon answers NOTFOUND without a lookup (a parent-domain
+# probe: responder.py answers keys that are no policy domain at once).
+HEALTH_MAP = "postfix"
+HEALTH_KEY = ".health.invalid"
+HEALTH_ANSWER = "NOTFOUND "
+HEALTH_TIMEOUT = 5.0
+# Where a daemon whose listener is `systemd` is asked: the address of contrib/postfix-mtasts.socket
+# (and the daemon's default listener), since the sockets systemd holds are not in the file.
+HEALTH_SYSTEMD_ENDPOINT = "inet:127.0.0.1:8461"
+# Replies and errors are shown this long at most.
+HEALTH_SHOWN = 80
+
+HEALTH_EXIT_STATUSES = """exit status:
+  0  OK: the daemon answered the probe correctly within the timeout
+  1  CRITICAL: the connection failed (refused, no such socket), no answer came in
+     time, the answer was wrong, or the configuration could not be read
+  2  usage error (a bad option)
+"""
 
 
 # `cache warm`: lookups at once, and lookups started per second. (Here, with the options, so
@@ -322,6 +372,70 @@ def _serve(args: argparse.Namespace) -> int:
     return service.run(
         settings, config_path=args.config, detach=args.daemon, pid_file=args.pid_file
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# health
+
+
+def _health(args: argparse.Namespace) -> int:
+    import time
+
+    from postfix_mtasts import client
+
+    endpoint: str = args.socketmap or ""
+    if not endpoint:
+        from postfix_mtasts import config
+
+        try:
+            settings = config.load(args.config, daemon_files=False)
+        except config.ConfigError as exc:
+            print(f"CRITICAL: cannot tell where postfix-mtasts listens: {_shown(str(exc))}")
+            return 1
+        endpoint = settings.listen[0]
+        if endpoint == "systemd":
+            endpoint = HEALTH_SYSTEMD_ENDPOINT
+    where = f"postfix-mtasts at {endpoint}"
+    started = time.monotonic()
+    deadline = started + args.timeout
+    try:
+        asking = client.Client(endpoint, args.timeout)
+        try:
+            reply = asking.request(HEALTH_MAP, HEALTH_KEY, deadline=deadline)
+        finally:
+            asking.close()
+    except client.ClientError as exc:
+        print(f"CRITICAL: {where}: {_health_cause(exc, endpoint, args.timeout)}")
+        return 1
+    took = time.monotonic() - started
+    if reply != HEALTH_ANSWER:
+        print(
+            f"CRITICAL: {where}: wrong answer to {HEALTH_KEY}: {_shown(reply)}"
+            f" (expected {HEALTH_ANSWER!r})"
+        )
+        return 1
+    # Rounded up: "0 ms" would read as no answer at all.
+    print(f"OK: {where} answered in {max(1, math.ceil(took * 1000))} ms")
+    return 0
+
+
+def _health_cause(exc: Exception, endpoint: str, timeout: float) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused (is the daemon running?)"
+    if isinstance(cause, FileNotFoundError):
+        return "no such socket (is the daemon running?)"
+    # The line names the endpoint already.
+    return _shown(str(exc).removeprefix(f"{endpoint}: "))
+
+
+def _shown(text: str) -> str:
+    """``text`` fit for one line of a monitoring system: what another program sent is shown as a
+    Python literal (no control characters), and bounded."""
+    shown = text if text.isprintable() else repr(text)
+    return shown if len(shown) <= HEALTH_SHOWN else shown[: HEALTH_SHOWN - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------------

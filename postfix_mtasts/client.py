@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from collections.abc import Iterable
 
 from postfix_mtasts import netstring
@@ -55,14 +56,19 @@ class Client:
         self._decoder = netstring.Decoder(max_length=netstring.MAX_REPLY)
         self._replies: list[bytes] = []
 
-    def request(self, name: str, key: str) -> str:
-        """Send one request and return the raw reply payload."""
+    def request(self, name: str, key: str, *, deadline: float | None = None) -> str:
+        """Send one request and return the raw reply payload. ``deadline`` (``time.monotonic()``)
+        bounds sending and waiting for the reply together; without it each step may take the
+        timeout the client was made with. A ClientError caused by a ``TimeoutError`` means no
+        reply came in time."""
         payload = f"{name} {key}".encode()
         if len(payload) > netstring.MAX_QUERY:
             raise ClientError(f"request of {len(payload)} bytes exceeds {netstring.MAX_QUERY}")
         try:
+            self._before(deadline)
             self._sock.sendall(netstring.encode(payload))
             while not self._replies:
+                self._before(deadline)
                 data = self._sock.recv(65536)
                 if not data:
                     raise ClientError(f"{self.endpoint}: connection closed without a reply")
@@ -76,6 +82,15 @@ class Client:
             return reply.decode()
         except UnicodeDecodeError as exc:
             raise ClientError(f"{self.endpoint}: reply is not UTF-8") from exc
+
+    def _before(self, deadline: float | None) -> None:
+        """Give the next step on the socket what is left of ``deadline``."""
+        if deadline is None:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        self._sock.settimeout(left)
 
     def close(self) -> None:
         self._sock.close()

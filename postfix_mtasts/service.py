@@ -4,7 +4,8 @@ The parts are built from the configuration: the listeners are bound (as root, fo
 ports and socket paths), python-daemon's `DaemonContext` detaches, writes the pid file and
 becomes the configured user, then the cache (`policydb`, its store) is opened and the `server`
 serves the `responder`. Request handling itself lives in those modules, not here; this one
-answers SIGTERM/SIGINT (stop), SIGHUP (reload) and tells systemd how it goes (sd_notify).
+answers SIGTERM/SIGINT (stop), SIGHUP (reload) and tells systemd how it goes (sd_notify:
+readiness, a one-line status, and watchdog pings from the event loop).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pwd
 import signal
 import socket
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -42,6 +44,7 @@ from postfix_mtasts.store import (
     where_of,
 )
 from postfix_mtasts.store.late import LateStore
+from postfix_mtasts.store.memory import MemoryStore
 from postfix_mtasts.store.sqlite import SqliteStore, move_aside
 
 __all__ = ["run"]
@@ -50,6 +53,8 @@ log = logging.getLogger("postfix_mtasts")
 
 # How often expired DANE verdicts are forgotten.
 DANE_PRUNE_INTERVAL = 300.0
+# How often the one-line summary systemd shows (STATUS=, `systemctl status`) is refreshed.
+STATUS_INTERVAL = 10.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,6 +241,8 @@ def close_logging() -> None:
 
 
 def notify(state: str) -> None:
+    """Send ``state`` (``READY=1``, ``STATUS=...``, newline-separated assignments) to systemd's
+    notification socket; nothing when systemd did not give one (``NOTIFY_SOCKET``)."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
@@ -247,6 +254,66 @@ def notify(state: str) -> None:
             sock.sendall(state.encode())
     except OSError as exc:
         log.warning("cannot notify systemd (%s): %s", state, exc)
+
+
+def watchdog_interval(environ: Mapping[str, str] | None = None, pid: int | None = None) -> float:
+    """Seconds between two ``WATCHDOG=1`` pings, or 0 when systemd watches no watchdog for this
+    process (sd_watchdog_enabled(3)): ``WATCHDOG_USEC`` set, and ``WATCHDOG_PID`` unset or this
+    process's pid (a daemon detached with ``--daemon`` is not the process systemd started).
+    Half the watchdog timeout, as sd_watchdog_enabled(3) advises, so one late ping is no restart."""
+    env = os.environ if environ is None else environ
+    usec = env.get("WATCHDOG_USEC", "")
+    owner = env.get("WATCHDOG_PID", "")
+    if not usec:
+        return 0.0
+    if owner and owner != str(os.getpid() if pid is None else pid):
+        return 0.0
+    try:
+        timeout = int(usec)
+    except ValueError:
+        log.warning("systemd: WATCHDOG_USEC=%r is not a number; not sending watchdog pings", usec)
+        return 0.0
+    if timeout <= 0:
+        return 0.0
+    return timeout / 2e6
+
+
+class _Notifier:
+    """What the daemon tells systemd while it runs: ``WATCHDOG=1`` every half watchdog timeout and
+    ``STATUS=`` every STATUS_INTERVAL seconds.
+
+    Both are timers of the event loop (``call_later``), not threads: a loop that is stuck (a
+    blocking call, a busy callback) sends no ping, and systemd restarts the daemon
+    (``WatchdogSec=``). The status line is built from counters the daemon keeps anyway, so it
+    costs the hot path nothing."""
+
+    def __init__(self, status: Callable[[], str], watchdog: float) -> None:
+        self._status = status
+        self._watchdog = watchdog
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._status_timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return
+        loop = asyncio.get_running_loop()
+        if self._watchdog:
+            self._ping_timer = loop.call_later(self._watchdog, self._ping, loop)
+        self._status_timer = loop.call_later(STATUS_INTERVAL, self._refresh, loop)
+
+    def _ping(self, loop: asyncio.AbstractEventLoop) -> None:
+        notify("WATCHDOG=1")
+        self._ping_timer = loop.call_later(self._watchdog, self._ping, loop)
+
+    def _refresh(self, loop: asyncio.AbstractEventLoop) -> None:
+        notify(f"STATUS={self._status()}")
+        self._status_timer = loop.call_later(STATUS_INTERVAL, self._refresh, loop)
+
+    def stop(self) -> None:
+        for timer in (self._ping_timer, self._status_timer):
+            if timer is not None:
+                timer.cancel()
+        self._ping_timer = self._status_timer = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,6 +504,9 @@ class _Daemon:
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
+        notifier = _Notifier(self.status, watchdog_interval())
+        # Pinging from the start: opening the cache and starting the server run on the loop too.
+        notifier.start()
         resolver = make_resolver(self.settings)
         store = make_store(self.settings)
         self.db = PolicyDB(
@@ -452,21 +522,44 @@ class _Daemon:
         pruning = loop.create_task(self._prune_dane())
         await self.server.start()
         log.info("postfix-mtasts %s ready", __version__)
-        notify("READY=1")
+        notify(f"READY=1\nSTATUS={self.status()}")
         await self.stopping.wait()
         log.info("stopping: finishing requests in flight")
-        notify("STOPPING=1")
+        notify("STOPPING=1\nSTATUS=stopping: finishing requests in flight")
         await self.server.stop()
         pruning.cancel()
         await self.db.close()
         if self.responder.dane is not None:
             self.responder.dane.close()
         store.close()
+        notifier.stop()
         log.info(
             "stopped after %d requests (%d answered from the cache, %d network lookups)",
             self.server.requests,
             self.db.hits,
             self.db.network_lookups,
+        )
+
+    def status(self) -> str:
+        """The one line ``systemctl status`` shows: what the daemon holds and does, and whether
+        its cache works (``ok``; ``read-only``: a SQLite file answered from but not written;
+        ``failing``: the store failed lately and is being avoided, see policydb)."""
+        db = self.db
+        if db is None:
+            return "starting"
+        store = db.store
+        backend = "memory" if isinstance(store, MemoryStore) else self.settings.cache.backend
+        # The store failed at its last call (policydb clears the cause when one succeeds again).
+        if db._store_down_cause:
+            state = "failing"
+        elif isinstance(store, SqliteStore) and store.read_only:
+            state = "read-only"
+        else:
+            state = "ok"
+        return (
+            f"answering; {_count(db.size, 'domain')} in memory, "
+            f"{_count(db.pending, 'lookup')} running, "
+            f"{_count(self.server.connections, 'connection')}, cache {backend} {state}"
         )
 
     async def _prune_dane(self) -> None:
@@ -533,6 +626,10 @@ class _Daemon:
         self.responder.settings = new
         log.info("configuration reloaded from %s", self.config_path or "the defaults")
         notify("READY=1")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def run(
