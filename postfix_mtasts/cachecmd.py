@@ -443,6 +443,10 @@ class _Lookups:
             # This machine failed, not the domain: nothing to remember about the domain.
             return _LookedUp(domain, f"not looked up ({exc}); cache unchanged", True, False)
         self.store.put(outcome.entry)
+        for _, note in outcome.notes:
+            if note.startswith(cache_rules.CHANGE_PREFIX):
+                # A policy change the operator's refresh found is told as the daemon tells it.
+                print(note, file=sys.stderr, flush=True)
         has_policy = outcome.decision.policy_text is not None
         return _LookedUp(domain, _one_line(outcome.summary), failed, has_policy)
 

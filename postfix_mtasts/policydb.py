@@ -1086,6 +1086,11 @@ class PolicyDB:
         return len(self._slots)
 
     @property
+    def store_failing(self) -> str:
+        """Why the store failed at its last call ("" once a call succeeded again)."""
+        return self._store_down_cause
+
+    @property
     def pending(self) -> int:
         """Lookups under way (for statistics and graceful stop)."""
         return len(self._lookups)

@@ -550,7 +550,7 @@ class _Daemon:
         store = db.store
         backend = "memory" if isinstance(store, MemoryStore) else self.settings.cache.backend
         # The store failed at its last call (policydb clears the cause when one succeeds again).
-        if db._store_down_cause:
+        if db.store_failing:
             state = "failing"
         elif isinstance(store, SqliteStore) and store.read_only:
             state = "read-only"

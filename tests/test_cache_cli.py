@@ -424,6 +424,8 @@ def test_refresh_fetches_even_when_the_cached_id_is_current(bed: Bed, bed_cache:
     stored = bed_cache.get(domain)
     assert stored is not None and stored.policy_text is not None
     assert "mode: testing" in stored.policy_text
+    # enforce -> testing: told as the daemon tells it (docs/policy-changes.md).
+    assert f"policy-change: {domain}: mode enforce -> testing" in result.stderr
 
 
 def test_a_failed_refresh_keeps_the_cached_policy_and_exits_1(bed: Bed, bed_cache: Cache) -> None:
