@@ -104,6 +104,8 @@ _MAX_DOMAIN = 253
 # PRAGMA application_id of the file (the SQLite header's field for "which program's file is
 # this", offset 68): "MTST". Files made before it was set are recognised by their schema.
 APPLICATION_ID = 0x4D545354
+# How long a file that looks damaged to a lock-free read is read again (check_ours).
+DAMAGE_RECHECK = 1.0
 # How often a store opened read-only tries to open its file for writing again.
 WRITE_RETRY_INTERVAL = 60.0
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -702,15 +704,35 @@ def check_ours(path: str) -> None:
     not a SQLite database at all, one another program marked as its own (application_id), or one
     with tables that are not ours. Changes nothing (the file is read as immutable: no lock, no
     -wal or -shm file); a missing or empty file is a cache to be created, and a file that cannot
-    be read is left to the open to report."""
+    be read is left to the open to report.
+
+    Read without locks, a file that another process is checkpointing (copying its WAL into the
+    file) can look damaged for a moment: a file that looks damaged is read again for up to
+    DAMAGE_RECHECK seconds before it is called damaged."""
+    deadline = time.monotonic() + DAMAGE_RECHECK
+    while True:
+        damage = _damage(path)
+        if damage is None:
+            return
+        if time.monotonic() >= deadline:
+            raise ForeignFileError(
+                f"{path}: not a postfix-mtasts cache (a damaged SQLite file without our mark:"
+                f" {damage}); refusing to use or move it"
+            )
+        time.sleep(0.05)
+
+
+def _damage(path: str) -> str | None:
+    """What makes the unmarked SQLite file at ``path`` unreadable, or None when it reads (and
+    is ours, or empty, or missing); ForeignFileError when it is somebody else's."""
     try:
         with open(path, "rb") as file:
             header = file.read(100)
     except (OSError, ValueError):
         # ValueError: a name the file system cannot encode (a lone surrogate); no such file.
-        return
+        return None
     if not header:
-        return
+        return None
     if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
         raise ForeignFileError(
             f"{path}: not a postfix-mtasts cache (not a SQLite database); refusing to use or"
@@ -718,7 +740,7 @@ def check_ours(path: str) -> None:
         )
     application_id = int.from_bytes(header[68:72], "big")
     if application_id == APPLICATION_ID:
-        return  # ours by its header, whatever state the rest is in
+        return None  # ours by its header, whatever state the rest is in
     if application_id != 0:
         raise ForeignFileError(
             f"{path}: not a postfix-mtasts cache (a SQLite database of another program,"
@@ -728,18 +750,16 @@ def check_ours(path: str) -> None:
     try:
         db = sqlite3.connect(uri, uri=True)
     except sqlite3.Error:
-        return
+        return None
     try:
         _judge(db, path)
     except sqlite3.Error as exc:
         # Unmarked and unreadable: nothing says it is ours, so it is not ours to move aside.
         if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
-            raise ForeignFileError(
-                f"{path}: not a postfix-mtasts cache (a damaged SQLite file without our mark:"
-                f" {exc}); refusing to use or move it"
-            ) from exc
+            return str(exc)
     finally:
         db.close()
+    return None
 
 
 def _judge(db: sqlite3.Connection, path: str) -> None:
