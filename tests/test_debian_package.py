@@ -135,7 +135,7 @@ def test_packaged_configuration_holds_every_key_config_accepts_with_its_default(
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.geteuid() != 0:
         pytest.fail("the Debian package test installs a package: run it as root", pytrace=False)
-    for tool in ("dpkg", "dpkg-buildpackage", "man", "systemd-analyze", "runuser"):
+    for tool in ("dpkg", "dpkg-buildpackage", "man", "systemd-analyze", "runuser", "setpriv"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} not found: tests/run installs its package", pytrace=False)
     prebuilt = os.environ.get("POSTFIX_MTASTS_DEB")
@@ -235,10 +235,12 @@ def test_installed_daemon_answers_as_its_user(installed: set[str]) -> None:
         conf = directory / "config.toml"
         conf.write_text(f'listen = ["{endpoint}"]\n')
         conf.chmod(0o644)
+        # setpriv executes the daemon itself (runuser would stay its parent), so SIGTERM reaches it.
         daemon = subprocess.Popen(
-            ["runuser", "-u", USER, "--", "env", "XDG_STATE_HOME=/var/lib",
+            ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups",
              "/usr/bin/postfix-mtasts", "serve", "-c", str(conf)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "XDG_STATE_HOME": "/var/lib"},
         )  # fmt: skip
         try:
             # Until it listens: a slow start on a busy machine is not a failure.
