@@ -220,6 +220,9 @@ class PolicyDB:
     logged as a ``policy-change:`` WARNING line. Entries read from the store or adopted from
     another daemon of a fleet are not compared, so a change counts once, where it was fetched.
     It is only ever increased, on the event loop's thread, for a reader such as a metrics exporter.
+    So are the other counters: ``hits``, ``misses``, ``network_lookups``, ``lookup_seconds`` and
+    ``lookup_seconds_sum`` (network lookups by outcome, ``LOOKUP_OUTCOMES``, in the buckets of
+    ``LOOKUP_SECONDS_BUCKETS``), ``fetch_failures`` (by RFC 8460 result type) and ``dns_failures``.
     """
 
     def __init__(

@@ -11,6 +11,11 @@ The framed reply is kept by the policy cache, per domain and map name (`PolicyDB
 place of the decision it was built from: a cached answer then costs no key parsing, no reply
 building and no framing (`PolicyDB.recall`), and a cached domain holds little more in memory than
 its replies and a few timestamps.
+
+Each answer is counted, by map name and kind (``Responder.answers``, read by the metrics
+exporter when scraped): on the hot path one integer increment, the kind told by identity since
+the replies that are the same for every domain (``NOTFOUND``, ``OK may``) are kept as one shared
+object each.
 """
 
 from __future__ import annotations
