@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,9 +228,18 @@ def _wait_ready(daemon: Daemon) -> None:
 
 
 def ours_config(
-    bed: Bed, port: int, cache: str, cache_path: Path | None, store: SharedStore | None = None
+    bed: Bed,
+    port: int,
+    cache: str,
+    cache_path: Path | None,
+    store: SharedStore | None = None,
+    metrics_port: int | None = None,
 ) -> str:
+    """Our configuration; with ``metrics_port``, ``[metrics]`` on (served on that port)."""
     j = json.dumps
+    metrics = (
+        "" if metrics_port is None else f'\n[metrics]\nlisten = "inet:127.0.0.1:{metrics_port}"\n'
+    )
     if cache == "sqlite":
         assert cache_path is not None
         cache_lines = f'backend = "sqlite"\npath = {j(str(cache_path))}'
@@ -262,7 +272,7 @@ txt_check_interval = {TXT_RECHECK}
 
 [policy]
 testing = "notfound"
-"""
+{metrics}"""
 
 
 def start_ours(
@@ -272,19 +282,41 @@ def start_ours(
     cache_path: Path | None = None,
     wait: bool = True,
     store: SharedStore | None = None,
+    metrics: bool = False,
 ) -> Daemon:
+    """Ours; with ``metrics``, ``[metrics]`` on, checked with one scrape once it answers."""
     directory.mkdir(parents=True, exist_ok=True)
     if cache == "sqlite" and cache_path is None:
         cache_path = directory / "cache.sqlite"
     env = clean_env()
     env["PYTHONPATH"] = str(REPO)
+    metrics_ports: list[int] = []
 
     def argv(port: int) -> list[str]:
         config = directory / "config.toml"
-        config.write_text(ours_config(bed, port, cache, cache_path, store))
+        metrics_port = free_port() if metrics else None
+        if metrics_port is not None:
+            metrics_ports.append(metrics_port)
+        config.write_text(ours_config(bed, port, cache, cache_path, store, metrics_port))
         return [str(OURS_BIN), "serve", "-c", str(config)]
 
-    return _launch("ours", cache, cache_path, directory, env, argv, wait)
+    daemon = _launch("ours", cache, cache_path, directory, env, argv, wait)
+    if metrics and wait:
+        scrape(metrics_ports[-1])
+    return daemon
+
+
+def scrape(port: int) -> str:
+    """One scrape of our metrics endpoint, as Prometheus makes it; DaemonError when it fails."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text: str = response.read().decode()
+    except OSError as exc:
+        raise DaemonError(f"ours: metrics at {url}: {exc}") from exc
+    if "postfix_mtasts_answers_total" not in text:
+        raise DaemonError(f"ours: metrics at {url}: no postfix_mtasts_answers_total")
+    return text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,9 +477,11 @@ def start(
     cache: str,
     cache_path: Path | None = None,
     store: SharedStore | None = None,
+    metrics: bool = False,
 ) -> Daemon:
+    """``metrics``: ``[metrics]`` on for ours (the peer has no equivalent)."""
     if kind == "ours":
-        return start_ours(bed, directory, cache, cache_path, store=store)
+        return start_ours(bed, directory, cache, cache_path, store=store, metrics=metrics)
     return start_peer(bed, peer_daemon, directory, cache, cache_path, store=store)
 
 

@@ -101,6 +101,8 @@ class Settings:
     warmup: float = 0.5
     startup_rounds: int = 7
     only: frozenset[int] = ALL_MEASUREMENTS
+    # [metrics] on for our daemons (--metrics): the hot path measured as a scraped daemon runs.
+    metrics: bool = False
     # The whole run's bound: a full run's usual length (benchmarks/README.md), with room for a
     # busy machine.
     budget: float = 1200.0
@@ -253,6 +255,7 @@ class Bench:
             cache,
             cache_path,
             store=store,
+            metrics=self.s.metrics,
         )
         self._running.append(daemon)
         return daemon
@@ -1027,7 +1030,8 @@ def table(report: Report, info: dict[str, str], *, targets_only: bool = False) -
         f"Linux {info['kernel']}, Python {info['python']}; "
         f"peer: postfix-mta-sts-resolver {daemons.PEER_VERSION} (uvloop). "
         f"Medians over {info['rounds']} rounds. Other processes kept {info['others']} CPUs busy "
-        "on average during the run.",
+        "on average during the run."
+        + (f" Ours ran with {info['ours']}." if info.get("ours") else ""),
         "",
         "| measurement | metric | ours | peer | ours/peer | target | holds |",
         "|---|---|---:|---:|---:|---|---|",
@@ -1080,6 +1084,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="run our daemons with [metrics] on (needs the metrics extra), to measure its cost",
+    )
+    parser.add_argument(
         "--update-readme",
         action="store_true",
         help="write the table into benchmarks/README.md and its target rows into README.md"
@@ -1102,10 +1111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--only: expected numbers 1..8 separated by commas, got {args.only!r}")
     if args.update_readme and only != ALL_MEASUREMENTS:
         parser.error("--update-readme writes the whole table: run every measurement (no --only)")
-    settings = Settings(rounds=args.rounds, duration=args.duration, only=only)
+    if args.update_readme and args.metrics:
+        parser.error("--update-readme records the default configuration: run without --metrics")
+    settings = Settings(rounds=args.rounds, duration=args.duration, only=only, metrics=args.metrics)
     workdir = Path(tempfile.mkdtemp(prefix="postfix-mtasts-bench-", dir="/var/tmp"))
     info = machine()
     info["rounds"] = str(settings.rounds)
+    if settings.metrics:
+        info["ours"] = "[metrics] on"
     started = time.monotonic()
     busy0, _ = busy_jiffies()
     own0 = own_cpu_seconds()

@@ -17,6 +17,8 @@ docs/configuration.md is the reference of every key; keep the two in step.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
 import os
 import re
@@ -29,7 +31,12 @@ from logging.handlers import SysLogHandler
 from typing import Literal, NoReturn, TypeVar, get_args
 from urllib.parse import urlsplit
 
-from postfix_mtasts.listeners import ListenerError, parse_listener, parse_nameserver
+from postfix_mtasts.listeners import (
+    InetListener,
+    ListenerError,
+    parse_listener,
+    parse_nameserver,
+)
 from postfix_mtasts.store import DEFAULT_PREFIX, DEFAULT_TABLE
 
 __all__ = [
@@ -202,6 +209,12 @@ class DaneConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # "" (off) or "inet:HOST:PORT": where Prometheus scrapes, never a socketmap listener.
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     listen: tuple[str, ...] = ("inet:127.0.0.1:8461",)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -213,6 +226,7 @@ class Config:
     # Every map's profile is complete (fallbacks already applied), so profile() is one dict lookup.
     maps: Mapping[str, Profile] = field(default_factory=dict)
     dane: DaneConfig = field(default_factory=DaneConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def profile(self, name: str) -> Profile:
         """The profile for socketmap NAME; a name without `[maps.NAME]` gets `[policy]`."""
@@ -422,6 +436,11 @@ def _parse(top: _Table, daemon_files: bool = True) -> Config:
     )
     t.close()
 
+    t = top.table("metrics")
+    metrics = MetricsConfig(listen=t.string("listen", d.metrics.listen))
+    _check_metrics_listener(t, metrics.listen, listen)
+    t.close()
+
     top.close()
     return Config(
         listen=listen,
@@ -433,7 +452,40 @@ def _parse(top: _Table, daemon_files: bool = True) -> Config:
         policy=policy,
         maps=maps,
         dane=dane,
+        metrics=metrics,
     )
+
+
+# Hosts that bind every address: a listener on one of them takes the port on all.
+_ANY_ADDRESS = {"0.0.0.0", "::", ""}
+
+
+def _check_metrics_listener(t: _Table, spec: str, socketmap: tuple[str, ...]) -> None:
+    """``metrics.listen``: "" (off) or ``inet:HOST:PORT``, not one of the socketmap listeners
+    (Prometheus speaks HTTP, Postfix the socketmap protocol: one port cannot serve both)."""
+    if not spec:
+        return
+    try:
+        where = parse_listener(spec)
+    except ListenerError as exc:
+        t.fail("listen", str(exc))
+    if not isinstance(where, InetListener):
+        t.fail("listen", f"expected inet:HOST:PORT (an HTTP listener), got {_show(spec)}")
+    for other in socketmap:
+        with contextlib.suppress(ListenerError):
+            bound = parse_listener(other)
+            if (
+                isinstance(bound, InetListener)
+                and bound.port == where.port
+                and (bound.host == where.host or {bound.host, where.host} & _ANY_ADDRESS)
+            ):
+                t.fail("listen", f"{_show(spec)} takes the socketmap listener {_show(other)}")
+    if importlib.util.find_spec("prometheus_client") is None:
+        t.fail(
+            "listen",
+            "metrics need the prometheus-client package, which is not installed:"
+            " pip install 'postfix-mtasts[metrics]'",
+        )
 
 
 def _profile(t: _Table, fallback: Profile) -> Profile:
@@ -811,6 +863,7 @@ def dump(config: Config) -> str:
     ]
     sections += [(f"maps.{_dotted(name)}", profile) for name, profile in config.maps.items()]
     sections.append(("dane", config.dane))
+    sections.append(("metrics", config.metrics))
     for header, section in sections:
         lines += ["", f"[{header}]"]
         for key, value in vars(section).items():

@@ -26,6 +26,7 @@ answer, is a dict look-up and two comparisons.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -83,6 +84,15 @@ LEASE_SECONDS = 60.0
 LEASE_POLL_INTERVAL = 1.0
 # Domains read again per store round when a watcher reports that every domain may have changed.
 REREAD_BATCH = 200
+# The upper bounds (seconds) of the lookup durations counted (PolicyDB.lookup_seconds): from a
+# loopback answer to the deadlines of DNS (10 s) and of the HTTPS fetch.
+LOOKUP_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# What a network lookup ended with: a policy to apply (fetched or kept), no policy (no record, an
+# invalid record), or a failure: the TXT lookup failed for a DNS reason, or the policy fetch
+# failed (whether a cached policy was kept or not).
+LOOKUP_OUTCOMES = ("policy", "no-policy", "failure")
+# RFC 8460 §4.3.1 result types of a failed policy fetch (mtasts.tls_report_failure_reason).
+FETCH_FAILURE_TYPES = ("sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid")
 
 _T = TypeVar("_T")
 
@@ -210,6 +220,9 @@ class PolicyDB:
     logged as a ``policy-change:`` WARNING line. Entries read from the store or adopted from
     another daemon of a fleet are not compared, so a change counts once, where it was fetched.
     It is only ever increased, on the event loop's thread, for a reader such as a metrics exporter.
+    So are the other counters: ``hits``, ``misses``, ``network_lookups``, ``lookup_seconds`` and
+    ``lookup_seconds_sum`` (network lookups by outcome, ``LOOKUP_OUTCOMES``, in the buckets of
+    ``LOOKUP_SECONDS_BUCKETS``), ``fetch_failures`` (by RFC 8460 result type) and ``dns_failures``.
     """
 
     def __init__(
@@ -276,6 +289,18 @@ class PolicyDB:
         self.policy_changes: collections.Counter[str] = collections.Counter(
             dict.fromkeys(cache_rules.POLICY_CHANGES, 0)
         )
+        # Network lookups by outcome (LOOKUP_OUTCOMES): per outcome, how many took at most each
+        # of LOOKUP_SECONDS_BUCKETS (the last slot: longer), and their seconds in all.
+        self.lookup_seconds: dict[str, list[int]] = {
+            outcome: [0] * (len(LOOKUP_SECONDS_BUCKETS) + 1) for outcome in LOOKUP_OUTCOMES
+        }
+        self.lookup_seconds_sum: dict[str, float] = dict.fromkeys(LOOKUP_OUTCOMES, 0.0)
+        # Policy fetches that failed, by RFC 8460 result type (mtasts.tls_report_failure_reason),
+        # and TXT record lookups that failed for a DNS reason (not "no record").
+        self.fetch_failures: collections.Counter[str] = collections.Counter(
+            dict.fromkeys(FETCH_FAILURE_TYPES, 0)
+        )
+        self.dns_failures = 0
 
     @property
     def settings(self) -> CacheConfig:
@@ -586,11 +611,15 @@ class PolicyDB:
                         ipv4 = await self.resolver.ipv4_async(mtasts.policy_host(domain))
                     except DNSFailure as exc:
                         ipv4 = exc
+                failures: list[str] = []
                 outcome = await loop.run_in_executor(
-                    self._pool, self._conclude, domain, plan, step, ipv4, started
+                    self._pool, self._conclude, domain, plan, step, ipv4, started, failures
                 )
             finally:
                 turns.release()
+            if isinstance(record, mtasts.DNSError):
+                failures.append("dns")
+            self._count_lookup(outcome, time.monotonic() - started, failures)
             self.policy_changes.update(outcome.changes)
             self._local.succeeded()
             saved = await self._save_async(outcome.entry, release=leased)
@@ -747,8 +776,11 @@ class PolicyDB:
         step: Outcome | Fetch,
         ipv4: AddressOutcome,
         started: float,
+        failures: list[str] | None = None,
     ) -> Outcome:
-        """In the lookup threads: the fetch when the rules asked for it, and the outcome."""
+        """In the lookup threads: the fetch when the rules asked for it, and the outcome. The RFC
+        8460 result type of a failed fetch is appended to ``failures`` (the caller's own list,
+        read back on the event loop: no counter is shared with these threads)."""
         outcome = step
         if isinstance(step, Fetch):
             fetched: tuple[mtasts.Policy, str] | mtasts.MTASTSError
@@ -756,6 +788,9 @@ class PolicyDB:
                 fetched = mtasts.fetch_policy(domain, self.fetcher, ipv4)
             except mtasts.MTASTSError as exc:
                 fetched = exc
+                reason = mtasts.tls_report_failure_reason(exc)
+                if reason and failures is not None:
+                    failures.append(reason)
             outcome = cache_rules.after_fetch(domain, plan, step.record, fetched, self.settings)
         assert isinstance(outcome, Outcome)
         _log_notes(outcome.notes)
@@ -764,6 +799,24 @@ class PolicyDB:
         elapsed = (time.monotonic() - started) * 1000
         log.info("%s: %s (%.0f ms)", domain, outcome.summary, elapsed)
         return outcome
+
+    def _count_lookup(self, outcome: Outcome, seconds: float, failures: list[str]) -> None:
+        """Count a network lookup that ended (not one that could not be made for a local
+        reason): its duration by outcome, and its failures ("dns": the TXT record's lookup; else
+        the RFC 8460 result type of the failed fetch)."""
+        if failures:
+            kind = "failure"
+        elif outcome.decision.policy_text is not None:
+            kind = "policy"
+        else:
+            kind = "no-policy"
+        self.lookup_seconds[kind][bisect.bisect_left(LOOKUP_SECONDS_BUCKETS, seconds)] += 1
+        self.lookup_seconds_sum[kind] += seconds
+        for failure in failures:
+            if failure == "dns":
+                self.dns_failures += 1
+            else:
+                self.fetch_failures[failure] += 1
 
     async def _save_async(self, entry: Entry, *, release: bool = False) -> bool:
         """Write ``entry`` (within cache.timeout), and give up the lease when ``release``; False

@@ -24,7 +24,7 @@ import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from postfix_mtasts import __version__, config
 from postfix_mtasts.dane import DaneCache
@@ -46,6 +46,9 @@ from postfix_mtasts.store import (
 from postfix_mtasts.store.late import LateStore
 from postfix_mtasts.store.memory import MemoryStore
 from postfix_mtasts.store.sqlite import SqliteStore, move_aside
+
+if TYPE_CHECKING:
+    from postfix_mtasts.metrics import Exporter
 
 __all__ = ["run"]
 
@@ -520,6 +523,7 @@ class _Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.db.start()
         pruning = loop.create_task(self._prune_dane())
+        exporter = self.start_metrics()
         await self.server.start()
         log.info("postfix-mtasts %s ready", __version__)
         notify(f"READY=1\nSTATUS={self.status()}")
@@ -527,6 +531,8 @@ class _Daemon:
         log.info("stopping: finishing requests in flight")
         notify("STOPPING=1\nSTATUS=stopping: finishing requests in flight")
         await self.server.stop()
+        if exporter is not None:
+            exporter.stop()
         pruning.cancel()
         await self.db.close()
         if self.responder.dane is not None:
@@ -539,6 +545,22 @@ class _Daemon:
             self.db.hits,
             self.db.network_lookups,
         )
+
+    def start_metrics(self) -> Exporter | None:
+        """The metrics exporter serving on ``[metrics] listen``, or None when that is off.
+
+        Started here, in the process that serves (a thread does not survive detaching), and
+        imported only then: prometheus-client is an optional extra (config.py refuses the key
+        without it). An address that cannot be bound stops the start (``OSError``)."""
+        spec = self.settings.metrics.listen
+        if not spec:
+            return None
+        from postfix_mtasts import metrics
+
+        exporter = metrics.Exporter(spec, self)
+        exporter.start()
+        log.info("serving metrics on %s", spec)
+        return exporter
 
     def status(self) -> str:
         """The one line ``systemctl status`` shows: what the daemon holds and does, and whether
@@ -606,6 +628,8 @@ class _Daemon:
             return
         setup_logging(new)
         old = self.settings
+        if new.metrics != old.metrics:
+            log.warning("metrics.listen takes effect at the next restart")
         where = ("backend", "path", "url", "prefix", "table", "timeout")
         if [getattr(new.cache, key) for key in where] != [getattr(old.cache, key) for key in where]:
             log.warning("cache.%s take effect at the next restart", ", cache.".join(where))
