@@ -493,17 +493,23 @@ def test_a_cache_of_a_newer_version_is_refused_and_left_alone(
     assert Path(cache_path).read_bytes() == before
 
 
+def tamper(cache_path: str, *, oversized: str, mistyped: str) -> None:
+    """Write two rows into the cache file behind the store's back, as a tamperer would: one
+    whose policy text is over the limit, one with a text where a time belongs."""
+    raw = sqlite3.connect(cache_path)
+    raw.execute(
+        "INSERT INTO entries VALUES (?, 'x', ?, 1, 2, 3, 4, '', 0)",
+        (oversized, "x" * (MAX_POLICY_TEXT + 1)),
+    )
+    raw.execute("INSERT INTO entries VALUES (?, 'x', 'p', 'soon', 2, 3, 4, '', 0)", (mistyped,))
+    raw.commit()
+    raw.close()
+
+
 def test_tampered_rows_read_as_absent(open_sqlite: Opener, cache_path: str) -> None:
     s = open_sqlite()
     s.put(entry("good.example"))
-    raw = sqlite3.connect(cache_path)
-    raw.execute(
-        "INSERT INTO entries VALUES ('huge.example', 'x', ?, 1, 2, 3, 4, '', 0)",
-        ("x" * (MAX_POLICY_TEXT + 1),),
-    )
-    raw.execute("INSERT INTO entries VALUES ('typed.example', 'x', 'p', 'soon', 2, 3, 4, '', 0)")
-    raw.commit()
-    raw.close()
+    tamper(cache_path, oversized="huge.example", mistyped="typed.example")
     assert s.get("huge.example") is None
     assert s.get("typed.example") is None
     assert s.get("good.example") == entry("good.example")
@@ -824,14 +830,7 @@ def test_entries_skips_tampered_rows(open_sqlite: Opener, cache_path: str) -> No
     s = open_sqlite()
     for n in range(3):
         s.put(entry(f"d{n}.example"))
-    raw = sqlite3.connect(cache_path)
-    raw.execute(
-        "INSERT INTO entries VALUES ('d1a.example', 'x', ?, 1, 2, 3, 4, '', 0)",
-        ("x" * (MAX_POLICY_TEXT + 1),),
-    )
-    raw.execute("INSERT INTO entries VALUES ('d1b.example', 'x', 'p', 'soon', 2, 3, 4, '', 0)")
-    raw.commit()
-    raw.close()
+    tamper(cache_path, oversized="d1a.example", mistyped="d1b.example")
     assert [e.domain for e in s.entries()] == ["d0.example", "d1.example", "d2.example"]
 
 
