@@ -208,6 +208,29 @@ async def test_many_requests_on_one_connection_are_answered() -> None:
 
 
 @aio
+async def test_connections_sharing_the_read_buffer_keep_their_own_requests() -> None:
+    # Two clients each send far more than one read takes, in writes that end mid-frame, so
+    # both keep partial frames while the other's reads go through the server's one buffer.
+    async with serving() as server:
+        clients = [await Client.inet(server) for _ in range(2)]
+        count = 6000
+        streams = [
+            b"".join(encode(f"postfix c{n}-{i}.example".encode()) for i in range(count))
+            for n in range(2)
+        ]
+        piece = 7919  # a prime: the cuts fall inside frames, at different places on each
+        for start in range(0, max(map(len, streams)), piece):
+            for client, stream in zip(clients, streams, strict=True):
+                client.writer.write(stream[start : start + piece])
+            await asyncio.gather(*(client.writer.drain() for client in clients))
+        for n, client in enumerate(clients):
+            for i in range(count):
+                assert await client.reply() == f"OK secure match=c{n}-{i}.example"
+            client.close()
+        assert server.requests == 2 * count
+
+
+@aio
 async def test_map_name_and_key_reach_the_responder() -> None:
     responder = FakeResponder()
     async with serving(responder) as server:
