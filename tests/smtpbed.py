@@ -9,7 +9,8 @@ MAIL FROM, RCPT or DATA was ever sent. Its behaviour is one of ``KINDS``:
   (a one-off trustme CA), for the host name;
 - ``notls``: STARTTLS is not offered;
 - ``endless-banner``: a banner of continuation lines without end; ``huge-ehlo``: an EHLO reply
-  line of megabytes; ``silent-tls``: says 220 to STARTTLS and then never answers the handshake.
+  line of megabytes; ``silent-tls``: says 220 to STARTTLS and then never answers the handshake;
+  ``nasty-banner``: a valid receiver whose banner carries control characters and a long tail.
 
 Port 25 needs root, as the bed's port 443 does; each receiver takes its own 127.x.y.z address.
 """
@@ -36,7 +37,10 @@ KINDS = (
     "endless-banner",
     "huge-ehlo",
     "silent-tls",
+    "nasty-banner",
 )
+# A banner with terminal escapes, a NUL and a long tail, within the line limit of a probe.
+NASTY_BANNER = "evil\x1b[2J\x1b]0;owned\x07\x00" + "A" * 900
 
 
 @dataclass
@@ -150,7 +154,10 @@ class _Session:
             while not self.receiver.stop.is_set():
                 self.send("220-still greeting you\r\n" * 100)
             return
-        self.send(f"220 {self.receiver.host} ESMTP test receiver\r\n")
+        if kind == "nasty-banner":
+            self.send(f"220 {NASTY_BANNER}\r\n")
+        else:
+            self.send(f"220 {self.receiver.host} ESMTP test receiver\r\n")
         while True:
             line = self.file.readline(4096)
             if not line:

@@ -8,7 +8,6 @@ the same receiver.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bed import Bed, Response, Scenario, policy_text
+from bed import EE, USABLE_EE, Bed, Response, Scenario, policy_text
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from smtpbed import SMTPBed
@@ -241,3 +240,188 @@ def test_posttls_finger_agrees_with_check_mx(
         bed, case, "secure", "-F", bed.ca_file, "-s", case.host, f"[{case.address}]:25", *patterns
     )
     assert finger == (host["postfix"], our_cause(host["reason"]))
+
+
+def test_check_mx_sends_only_ehlo_starttls_and_quit(bed: Bed, smtp_bed: SMTPBed) -> None:
+    case = publish(bed, smtp_bed, "valid")
+    assert check_mx(bed, case.domain, options=PRIVATE).returncode == 0
+    [receiver] = [r for r in smtp_bed.receivers if r.address == case.address]
+    verbs = [command.split(" ")[0] for command in receiver.commands]
+    assert verbs == ["EHLO", "STARTTLS", "EHLO", "QUIT"]
+
+
+# --------------------------------------------------------------------------------------------------
+# DANE: TLSA records in the signed zone dane.test, through the validating resolver.
+
+
+def spki_sha256(der: bytes) -> bytes:
+    key = x509.load_der_x509_certificate(der).public_key()
+    spki = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()
+
+
+def publish_dane(bed: Bed, smtp: SMTPBed, kind: str, tlsa: str | None) -> tuple[Case, bytes]:
+    """A fresh domain in dane.test whose one MX host is a receiver of ``kind``, with the TLSA
+    record ``tlsa`` ("3 1 1 <digest of that receiver's key>" when None)."""
+    domain = bed.unique_dane_domain("cmx")
+    host = f"mx.{domain}"
+    receiver = smtp.start(host, kind)
+    pin = spki_sha256(receiver.leaf_der)
+    bed.dns_set(domain, "MX", [f"10 {host}."])
+    bed.dns_set(host, "A", [receiver.address])
+    bed.dns_set(f"_25._tcp.{host}", "TLSA", [tlsa or f"3 1 1 {pin.hex()}"])
+    return Case(domain, host, receiver.address, kind), pin
+
+
+DANE_OPTIONS = ("--dane", "--allow-private-addresses")
+
+
+@pytest.mark.parametrize(
+    ("kind", "pinned", "outcome"),
+    [("valid", True, "deliver"), ("expired", True, "deliver"), ("valid", False, "defer")],
+    ids=["match", "match-expired", "tlsa-mismatch"],
+)
+def test_check_mx_with_dane_checks_the_tlsa_records_against_the_chain(
+    bed: Bed, smtp_bed: SMTPBed, kind: str, pinned: bool, outcome: str
+) -> None:
+    # DANE-EE (3 1 1) pins the key: neither names nor dates count (RFC 7672 §3.1.1).
+    tlsa = None if pinned else bed.expand(USABLE_EE)  # the bed's DANE certificate, not this one
+    case, pin = publish_dane(bed, smtp_bed, kind, tlsa)
+    nameserver = bed.validating_nameservers[0]
+    result = check_mx(bed, case.domain, options=DANE_OPTIONS, nameserver=nameserver)
+    assert "postfix answer: OK dane-only" in result.stdout, result
+    assert f"=> {outcome}: {case.address}: OK dane-only: " in result.stdout, result.stdout
+    if pinned:
+        assert "TLSA (1): matches 3 1 1" in result.stdout
+    else:
+        assert "TLSA (1): none matches" in result.stdout
+        assert "no TLSA record matches -> Postfix defers" in result.stdout
+    assert result.returncode == (0 if outcome == "deliver" else 1)
+
+    data = check_mx_json(bed, case.domain, options=DANE_OPTIONS, nameserver=nameserver)
+    [host] = data["hosts"]
+    [probe] = host["addresses"]
+    assert host["postfix"] == outcome
+    assert probe["tlsa"]["secure"] is True and probe["tlsa"]["state"] == "usable"
+    assert bool(probe["tlsa"]["matched"]) is pinned
+
+    # Postfix's fingerprint level with the SHA-256 of the key is what DANE-EE 3 1 1 checks.
+    wanted = pin if pinned else bytes.fromhex(bed.expand(EE))
+    fingerprint = ":".join(f"{byte:02X}" for byte in wanted)
+    finger = finger_verdict(
+        bed, case, "fingerprint", "-d", "sha256", f"[{case.address}]:25", fingerprint
+    )
+    assert finger[0] == outcome
+
+
+# --------------------------------------------------------------------------------------------------
+# Other answers and other MX set-ups.
+
+
+def test_check_mx_opportunistic_answer_delivers_even_without_starttls(
+    bed: Bed, smtp_bed: SMTPBed
+) -> None:
+    # A testing policy is answered NOTFOUND by default: Postfix's own level (may) applies.
+    case = publish(bed, smtp_bed, "notls", mode="testing")
+    result = check_mx(bed, case.domain, options=PRIVATE)
+    assert "postfix answer: NOTFOUND" in result.stdout
+    assert "opportunistic, certificate not checked -> delivers (without TLS)" in result.stdout
+    assert result.returncode == 0
+
+
+def test_check_mx_without_mx_records_probes_the_domain_itself(bed: Bed, smtp_bed: SMTPBed) -> None:
+    domain = bed.unique_domain("cmximplicit")
+    receiver = smtp_bed.start(domain, "valid")
+    bed.dns_set(domain, "A", [receiver.address])
+    bed.add_domain(
+        domain,
+        Scenario(
+            txt=("v=STSv1; id=i1;",), response=Response(body=policy_text("enforce", [domain]))
+        ),
+    )
+    result = check_mx(bed, domain, options=PRIVATE)
+    assert f"no MX records: {domain} itself is the mail host (RFC 5321 §5.1)" in result.stdout
+    assert f"MX {domain}, listed in the policy" in result.stdout
+    assert f"=> deliver: {receiver.address}:" in result.stdout
+    assert result.returncode == 0
+    data = check_mx_json(bed, domain, options=PRIVATE)
+    assert data["mx_source"] == "implicit" and data["hosts"][0]["preference"] is None
+
+
+def test_check_mx_null_mx_says_the_domain_takes_no_mail(bed: Bed) -> None:
+    domain = bed.unique_domain("cmxnull")
+    bed.dns_set(domain, "MX", ["0 ."])
+    result = check_mx(bed, domain, options=PRIVATE)
+    assert "null MX (RFC 7505): the domain accepts no mail" in result.stdout
+    assert result.returncode == 1
+    data = check_mx_json(bed, domain, options=PRIVATE)
+    assert data["mx_source"] == "null-mx" and data["hosts"] == []
+
+
+def test_check_mx_does_not_probe_private_addresses_unless_allowed(
+    bed: Bed, smtp_bed: SMTPBed
+) -> None:
+    case = publish(bed, smtp_bed, "valid")
+    data = check_mx_json(bed, case.domain)
+    [probe] = data["hosts"][0]["addresses"]
+    assert probe["postfix"] == "not-probed"
+    assert "allow_private_addresses" in probe["reason"]
+    assert data["exit_status"] == 1
+    assert [r.commands for r in smtp_bed.receivers if r.address == case.address] == [[]]
+
+
+def test_check_mx_dns_failure_is_temporary(bed: Bed) -> None:
+    result = check_mx(
+        bed,
+        bed.unique_domain("cmxdead"),
+        options=(*PRIVATE, "--dns-timeout", "1"),
+        nameserver=bed.dead_nameserver,
+    )
+    assert result.returncode == 2
+    assert "MX lookup failed" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# A hostile receiver cannot hold the probe, fill its memory or the terminal.
+
+
+@pytest.mark.parametrize(
+    ("kind", "outcome", "stopped"),
+    [
+        ("endless-banner", "unreachable", "banner: reply of more than 100 lines"),
+        ("huge-ehlo", "unreachable", "EHLO: reply line longer than 1024 bytes"),
+        ("silent-tls", "defer", "TLS handshake: no answer in time"),
+    ],
+)
+def test_check_mx_hostile_receiver_is_bounded(
+    bed: Bed, smtp_bed: SMTPBed, kind: str, outcome: str, stopped: str
+) -> None:
+    case = publish(bed, smtp_bed, kind)
+    started = time.monotonic()
+    result = check_mx(bed, case.domain, options=(*PRIVATE, "--smtp-timeout", "3"))
+    # Three seconds of probe, plus the start of Python and the policy fetch on a busy machine.
+    assert time.monotonic() - started < 30
+    assert f"stopped: {stopped}" in result.stdout, result.stdout
+    assert f"=> {outcome}: " in result.stdout
+    assert result.returncode == 1
+    assert len(result.stdout) < 5000
+
+
+def test_check_mx_shows_remote_text_without_control_characters(bed: Bed, smtp_bed: SMTPBed) -> None:
+    case = publish(bed, smtp_bed, "nasty-banner")
+    result = check_mx(bed, case.domain, options=PRIVATE)
+    [banner] = [line for line in result.stdout.splitlines() if "banner:" in line]
+    assert banner.strip().startswith("banner: evil\\x1b[2J\\x1b]0;owned\\x07\\x00AAA")
+    assert banner.endswith("...") and len(banner.strip()) <= len("banner: ") + 203
+    assert all(char.isprintable() for char in result.stdout.replace("\n", ""))
+    data = check_mx_json(bed, case.domain, options=PRIVATE)
+    assert data["hosts"][0]["addresses"][0]["banner"].startswith("evil\\x1b")
+
+
+def test_no_receiver_was_ever_sent_a_mail_command(smtp_bed: SMTPBed) -> None:
+    # Last in this module: every probe of every test above, none got MAIL, RCPT or DATA.
+    seen = {command.split(" ")[0].upper() for r in smtp_bed.receivers for command in r.commands}
+    assert seen <= ALLOWED_VERBS
+    assert {"EHLO", "STARTTLS", "QUIT"} <= seen
