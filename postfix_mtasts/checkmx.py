@@ -202,6 +202,9 @@ class DomainCheck:
     domain: str
     postfix_answer: str
     mx_source: str  # "mx", "implicit" (no MX records) or "null-mx"
+    policy_mode: str | None = None  # the MTA-STS policy's mode, None without a policy
+    policy_mx: list[str] = field(default_factory=list)
+    dane: str | None = None  # the DANE verdict's state, None when DANE is not checked
     hosts: list[HostCheck] = field(default_factory=list)
     error: str = ""
     temporary: bool = False
@@ -459,7 +462,9 @@ def _judge(
         probe.postfix = UNREACHABLE
         probe.reason = f"{probe.error} -> Postfix tries the next address or MX host"
         return
-    shown = answer if len(answer) < 80 else answer[:77] + "..."
+    # The level and its match= list say what Postfix checks; the other attributes do not.
+    shown = " ".join(w for w in answer.split()[1:] if w == level or w.startswith("match="))
+    shown = shown or answer.strip()
     if level in ("secure", "dane-only") or (level == "dane" and host_dane == "usable"):
         if not session.starttls:
             probe.postfix, probe.reason = DEFER, f"{shown}: STARTTLS not offered -> Postfix defers"
@@ -502,7 +507,7 @@ def _judge(
     if session.starttls and probe.error:
         how = "TLS failed, Postfix retries in plain text"
     probe.postfix = DELIVER
-    probe.reason = f"{shown.strip()}: opportunistic, certificate not checked -> delivers ({how})"
+    probe.reason = f"{shown}: opportunistic, certificate not checked -> delivers ({how})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,6 +563,10 @@ def check_domain(
     """Probe every MX host of ``domain`` and judge it against ``answer`` (the daemon's reply to
     Postfix). ``timeout`` bounds the probe of one address from connect to QUIT."""
     check = DomainCheck(domain, answer, "mx")
+    if policy is not None:
+        check.policy_mode, check.policy_mx = policy.mode.value, [str(mx) for mx in policy.mx]
+    if dane_verdict is not None:
+        check.dane = dane_verdict.state.value
     try:
         check.mx_source, exchanges = _mx_hosts(domain, resolver)
     except DNSTemporaryError as exc:
@@ -700,7 +709,8 @@ def report(check: DomainCheck, as_json: bool, out: Callable[[str], None] = print
     if as_json:
         out(json.dumps(check.to_json()))
         return check.status()
-    lines = [f"{check.domain}: checking MX hosts (postfix answer: {check.postfix_answer})"]
+    shown_answer = printable(check.postfix_answer, 120)
+    lines = [f"{check.domain}: MX hosts, and what Postfix does with {shown_answer!r}"]
     if check.mx_source == "implicit":
         lines.append(f"  no MX records: {check.domain} itself is the mail host (RFC 5321 §5.1)")
     if check.error:
@@ -721,7 +731,11 @@ def report(check: DomainCheck, as_json: bool, out: Callable[[str], None] = print
                 lines.append(f"      TLS: {probe.tls_version}, {probe.cipher}")
             cert = probe.certificate
             if cert is not None:
-                trust = "verified" if cert.verified else f"NOT verified: {cert.verify_error}"
+                trust = (
+                    "chain verified"
+                    if cert.verified
+                    else f"chain NOT verified: {cert.verify_error}"
+                )
                 lines.append(f"      certificate: {', '.join(cert.subject_names)} ({trust})")
                 lines.append(
                     f"      certificate matches the MX host name (RFC 8461 §4.2): "

@@ -557,8 +557,9 @@ def _check_mx(
         allow_private_addresses=settings.https.allow_private_addresses,
         timeout=args.smtp_timeout or checkmx.DEFAULT_TIMEOUT,
     )
-    if result.error is not None and not args.json:
-        print(str(result.error), file=sys.stderr)
+    if not args.json:
+        # What `query` prints, then the hosts; with --json the check's object says it all.
+        _print_result(domain, result, answer, verdict, as_json=False)
     return checkmx.report(check, args.json)
 
 
