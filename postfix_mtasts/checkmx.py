@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 
 from postfix_mtasts.dane import DaneResult, tlsa_usable
 from postfix_mtasts.fetch import _is_public
-from postfix_mtasts.mtasts import Policy
+from postfix_mtasts.mtasts import Policy, is_hostname
 from postfix_mtasts.resolver import DNSFailure, DNSNotFound, DNSTemporaryError, Resolver
 
 __all__ = [
@@ -474,8 +474,9 @@ def _judge(
             return
     if level == "secure":
         cert = probe.certificate
-        assert cert is not None
-        if not cert.verified:
+        if cert is None:
+            why = "no certificate presented"
+        elif not cert.verified:
             why = f"certificate not trusted ({verify_error})"
         elif not cert.matches_postfix_patterns:
             why = "certificate name mismatch"
@@ -580,7 +581,10 @@ def check_domain(
         return check
     patterns = _match_patterns(answer)
     dane_hosts = {h.host: h.state for h in dane_verdict.hosts} if dane_verdict else {}
-    ehlo = ehlo_name or socket.getfqdn() or "localhost"
+    ehlo = (ehlo_name or socket.getfqdn()).lower()
+    if not is_hostname(ehlo):
+        # EHLO takes a domain (RFC 5321 §4.1.1.1); this machine's name may be none.
+        ehlo = "localhost"
     verify = _verify_context(ca_file)
     for preference, host in exchanges:
         item = HostCheck(host, preference, None if policy is None else policy.matches(host))

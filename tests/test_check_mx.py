@@ -24,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from smtpbed import SMTPBed
 
+from postfix_mtasts.checkmx import postfix_name_match, printable, rfc8461_name_match
+
 REPO = Path(__file__).resolve().parent.parent
 POSTTLS_FINGER = "/usr/sbin/posttls-finger"
 ALLOWED_VERBS = {"EHLO", "STARTTLS", "QUIT"}
@@ -418,6 +420,53 @@ def test_check_mx_shows_remote_text_without_control_characters(bed: Bed, smtp_be
     assert all(char.isprintable() for char in result.stdout.replace("\n", ""))
     data = check_mx_json(bed, case.domain, options=PRIVATE)
     assert data["hosts"][0]["addresses"][0]["banner"].startswith("evil\\x1b")
+
+
+# --------------------------------------------------------------------------------------------------
+# The name rules and the printing, pure.
+
+
+@pytest.mark.parametrize(
+    ("names", "host", "matches"),
+    [
+        (["mx.example.com"], "mx.example.com", True),
+        (["MX.Example.COM."], "mx.example.com", True),
+        (["*.example.com"], "mx.example.com", True),
+        (["*.example.com"], "a.mx.example.com", False),  # one label only (RFC 8461 §4.2)
+        (["*.example.com"], "example.com", False),
+        (["m*.example.com"], "mx.example.com", False),  # a wildcard is a whole label or nothing
+        (["mx.example.com.evil"], "mx.example.com", False),
+    ],
+)
+def test_rfc8461_name_match_takes_a_wildcard_for_one_whole_left_most_label(
+    names: list[str], host: str, matches: bool
+) -> None:
+    assert rfc8461_name_match(names, host) is matches
+
+
+@pytest.mark.parametrize(
+    ("names", "patterns", "matches"),
+    [
+        (["mx.example.net"], ["mx.example.net"], True),
+        (["a.b.example.net"], [".example.net"], True),  # Postfix's dot form: any depth
+        (["example.net"], [".example.net"], False),
+        (["*.example.net"], ["mx.example.net"], True),
+        (["*.example.net"], [".example.net"], True),
+        (["mx.example.net"], ["other.example.net", "mx.example.org"], False),
+    ],
+)
+def test_postfix_name_match_follows_postfix_match_rules(
+    names: list[str], patterns: list[str], matches: bool
+) -> None:
+    assert postfix_name_match(names, patterns) is matches
+
+
+def test_printable_escapes_controls_and_cuts_long_text() -> None:
+    assert printable("ok \x1b[2J\x00\u202e") == "ok \\x1b[2J\\x00\\u202e"
+    assert printable(b"\xff\r\n") == "\\xff\\x0d\\x0a"
+    cut = printable("A" * 1000)
+    assert cut == "A" * 200 + "..."
+    assert printable("\x01" * 100, 20) == "\\x01" * 5 + "..."
 
 
 def test_no_receiver_was_ever_sent_a_mail_command(smtp_bed: SMTPBed) -> None:
