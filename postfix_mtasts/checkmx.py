@@ -57,7 +57,12 @@ __all__ = [
 ]
 
 SMTP_PORT = 25
+# The deadline of one address's probe; one MX host gets at most HOST_TIMEOUTS of them in all.
 DEFAULT_TIMEOUT = 30.0
+HOST_TIMEOUTS = 2
+# Addresses probed per MX host, a bound of ours (Postfix's smtp_mx_address_limit, default 5,
+# caps the addresses it tries for the whole domain).
+MAX_ADDRESSES = 5
 # RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets, CRLF included; a little slack for
 # servers that overstep it, no more.
 MAX_LINE = 1024
@@ -562,7 +567,8 @@ def check_domain(
     ehlo_name: str = "",
 ) -> DomainCheck:
     """Probe every MX host of ``domain`` and judge it against ``answer`` (the daemon's reply to
-    Postfix). ``timeout`` bounds the probe of one address from connect to QUIT."""
+    Postfix). ``timeout`` bounds the probe of one address from connect to QUIT, and twice it
+    the probes of one MX host; at most ``MAX_ADDRESSES`` addresses of a host are probed."""
     check = DomainCheck(domain, answer, "mx")
     if policy is not None:
         check.policy_mode, check.policy_mx = policy.mode.value, [str(mx) for mx in policy.mx]
@@ -608,19 +614,24 @@ def check_domain(
             item.error = printable(str(exc))
             item.reason = f"{item.error} -> Postfix skips this MX host"
             continue
-        for address in addresses:
+        host_deadline = time.monotonic() + HOST_TIMEOUTS * timeout
+        for count, address in enumerate(addresses):
             probe = AddressProbe(address)
             item.addresses.append(probe)
             if not (allow_private_addresses or _is_public(ipaddress.ip_address(address))):
                 probe.postfix = NOT_PROBED
                 probe.reason = "private address, not probed (allow_private_addresses is off)"
                 continue
+            if count >= MAX_ADDRESSES:
+                probe.postfix = NOT_PROBED
+                probe.reason = f"not probed: only the first {MAX_ADDRESSES} addresses are"
+                continue
             _probe(
                 probe,
                 host,
                 port,
                 verify,
-                time.monotonic() + timeout,
+                min(time.monotonic() + timeout, host_deadline),
                 ehlo,
                 patterns,
                 answer,

@@ -411,6 +411,22 @@ def test_check_mx_hostile_receiver_is_bounded(
     assert len(result.stdout) < 5000
 
 
+def test_check_mx_bounds_the_probes_of_one_mx_host_as_a_whole(bed: Bed, smtp_bed: SMTPBed) -> None:
+    # Three addresses that never answer the handshake, 3 s each, 6 s for the host: the third
+    # gets nothing.
+    case = publish(bed, smtp_bed, "silent-tls")
+    more = [smtp_bed.start(case.host, "silent-tls").address for _ in range(2)]
+    bed.dns_set(case.host, "A", [case.address, *more])
+    started = time.monotonic()
+    data = check_mx_json(bed, case.domain, options=(*PRIVATE, "--smtp-timeout", "3"))
+    assert time.monotonic() - started < 40
+    errors = sorted(probe["error"] for probe in data["hosts"][0]["addresses"])
+    assert len(errors) == 3
+    assert any(error.endswith("deadline passed") for error in errors), errors
+    assert "TLS handshake: no answer in time" in errors
+    assert data["hosts"][0]["postfix"] == "defer"
+
+
 def test_check_mx_shows_remote_text_without_control_characters(bed: Bed, smtp_bed: SMTPBed) -> None:
     case = publish(bed, smtp_bed, "nasty-banner")
     result = check_mx(bed, case.domain, options=PRIVATE)
