@@ -381,8 +381,8 @@ def _presented_chain(tls: ssl.SSLSocket) -> list[bytes]:
         getattr(tls, "_sslobj", None), "get_unverified_chain", None
     )
     if getter is not None:
-        chain = getter() or []
-        return [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain]  # type: ignore[attr-defined]
+        der = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]
+        return [c if isinstance(c, bytes) else c.public_bytes(der) for c in getter() or []]
     leaf = tls.getpeercert(binary_form=True)
     return [leaf] if leaf else []
 

@@ -10,7 +10,9 @@ MAIL FROM, RCPT or DATA was ever sent. Its behaviour is one of ``KINDS``:
 - ``notls``: STARTTLS is not offered;
 - ``endless-banner``: a banner of continuation lines without end; ``huge-ehlo``: an EHLO reply
   line of megabytes; ``silent-tls``: says 220 to STARTTLS and then never answers the handshake;
-  ``nasty-banner``: a valid receiver whose banner carries control characters and a long tail.
+  ``nasty-banner``: a valid receiver whose banner carries control characters and a long tail;
+  ``intermediate``: a certificate for the host from an intermediate CA of the bed's CA, sent with
+  the leaf (``Receiver.issuer_pem``), for DANE-TA.
 
 Port 25 needs root, as the bed's port 443 does; each receiver takes its own 127.x.y.z address.
 """
@@ -38,6 +40,7 @@ KINDS = (
     "huge-ehlo",
     "silent-tls",
     "nasty-banner",
+    "intermediate",
 )
 # A banner with terminal escapes, a NUL and a long tail, within the line limit of a probe.
 NASTY_BANNER = "evil\x1b[2J\x1b]0;owned\x07\x00" + "A" * 900
@@ -50,6 +53,7 @@ class Receiver:
     address: str
     context: ssl.SSLContext | None
     leaf_der: bytes
+    issuer_pem: bytes = b""
     commands: list[str] = field(default_factory=list)
     listener: socket.socket | None = None
     stop: threading.Event = field(default_factory=threading.Event)
@@ -60,7 +64,15 @@ class Receiver:
             self.commands.append(line)
 
 
-def _certificate(ca: trustme.CA, host: str, kind: str) -> trustme.LeafCert:
+def _certificate(ca: trustme.CA, host: str, kind: str) -> tuple[trustme.LeafCert, bytes]:
+    """The receiver's certificate, and its issuer's (PEM) when that is an intermediate."""
+    if kind == "intermediate":
+        child = ca.create_child_ca()
+        return child.issue_cert(host), child.cert_pem.bytes()
+    return _leaf(ca, host, kind), b""
+
+
+def _leaf(ca: trustme.CA, host: str, kind: str) -> trustme.LeafCert:
     if kind == "wrongname":
         return ca.issue_cert("wrong.example")
     if kind == "expired":
@@ -103,12 +115,12 @@ class SMTPBed:
     def start(self, host: str, kind: str) -> Receiver:
         if kind not in KINDS:
             raise ValueError(f"unknown receiver kind {kind!r}")
-        cert = _certificate(self.ca, host, kind)
+        cert, issuer_pem = _certificate(self.ca, host, kind)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         cert.configure_cert(context)
         listener, address = _bind()
         leaf = ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
-        receiver = Receiver(host, kind, address, context, leaf, listener=listener)
+        receiver = Receiver(host, kind, address, context, leaf, issuer_pem, listener=listener)
         self.receivers.append(receiver)
         threading.Thread(target=self._accept, args=(receiver,), daemon=True).start()
         return receiver

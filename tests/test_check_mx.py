@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 import subprocess
 import sys
 import time
@@ -314,6 +315,48 @@ def test_check_mx_with_dane_checks_the_tlsa_records_against_the_chain(
     fingerprint = ":".join(f"{byte:02X}" for byte in wanted)
     finger = finger_verdict(
         bed, case, "fingerprint", "-d", "sha256", f"[{case.address}]:25", fingerprint
+    )
+    assert finger[0] == outcome
+
+
+@pytest.mark.parametrize(
+    ("kind", "outcome"),
+    [("intermediate", "deliver"), ("valid", "defer")],
+    ids=["match", "mismatch"],
+)
+def test_check_mx_with_dane_ta_needs_the_anchor_in_the_chain_presented(
+    bed: Bed, smtp_bed: SMTPBed, tmp_path: Path, kind: str, outcome: str
+) -> None:
+    # DANE-TA (2 0 1) pins an intermediate CA: matched only when the server sends it and it
+    # issued the leaf (RFC 7672 §3.1.2). The "valid" receiver's leaf comes from the root.
+    case, _ = publish_dane(bed, smtp_bed, kind, None)
+    if kind == "intermediate":
+        anchor = next(r for r in smtp_bed.receivers if r.address == case.address).issuer_pem
+    else:
+        # Another intermediate of the same root, which did not issue this leaf.
+        anchor = smtp_bed.start("anchor.example", "intermediate").issuer_pem
+    der = ssl.PEM_cert_to_DER_cert(anchor.decode())
+    bed.dns_set(f"_25._tcp.{case.host}", "TLSA", [f"2 0 1 {hashlib.sha256(der).hexdigest()}"])
+    nameserver = bed.validating_nameservers[0]
+    data = check_mx_json(bed, case.domain, options=DANE_OPTIONS, nameserver=nameserver)
+    [probe] = data["hosts"][0]["addresses"]
+    assert data["postfix_answer"] == "OK dane-only"
+    assert probe["postfix"] == outcome, probe
+    assert probe["tlsa"]["matched"].startswith("2 0 1 ") is (outcome == "deliver")
+
+    # posttls-finger with that anchor as its only trust anchor (-A) checks the same chain.
+    anchor_file = tmp_path / "anchor.pem"
+    anchor_file.write_bytes(anchor)
+    finger = finger_verdict(
+        bed,
+        case,
+        "secure",
+        "-A",
+        str(anchor_file),
+        "-s",
+        case.host,
+        f"[{case.address}]:25",
+        case.host,
     )
     assert finger[0] == outcome
 
