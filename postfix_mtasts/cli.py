@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from postfix_mtasts.config import Config
     from postfix_mtasts.dane import DaneResult
     from postfix_mtasts.mtasts import Result
+    from postfix_mtasts.resolver import Resolver
 
 # Exit statuses of `query`, in order of severity; several domains exit with the worst.
 EXIT_POLICY = 0
@@ -539,7 +540,7 @@ def _query(args: argparse.Namespace) -> int:
 def _check_mx(
     args: argparse.Namespace,
     settings: Config,
-    resolver: Any,
+    resolver: Resolver,
     domain: str,
     answer: str,
     result: Result,
