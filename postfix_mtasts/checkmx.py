@@ -297,7 +297,7 @@ class _Conversation:
 
     def starttls(self, context: ssl.SSLContext, server_name: str) -> None:
         if self.buffer:
-            # RFC 3207 §4.2 (and CVE-2011-0411): nothing may be pipelined before the handshake.
+            # Plain text after the 220 would be read as if it came over TLS (cf. CVE-2011-0411).
             raise ProbeError("STARTTLS: the server sent data before the TLS handshake")
         self.sock.settimeout(self._left("TLS handshake"))
         try:
