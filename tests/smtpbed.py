@@ -12,7 +12,8 @@ MAIL FROM, RCPT or DATA was ever sent. Its behaviour is one of ``KINDS``:
   line of megabytes; ``silent-tls``: says 220 to STARTTLS and then never answers the handshake;
   ``nasty-banner``: a valid receiver whose banner carries control characters and a long tail;
   ``intermediate``: a certificate for the host from an intermediate CA of the bed's CA, sent with
-  the leaf (``Receiver.issuer_pem``), for DANE-TA.
+  the leaf (``Receiver.issuer_pem``), for DANE-TA; ``starttls-injection``: sends a plain-text
+  reply right after its 220 to STARTTLS, before the handshake.
 
 Port 25 needs root, as the bed's port 443 does; each receiver takes its own 127.x.y.z address.
 """
@@ -41,6 +42,7 @@ KINDS = (
     "silent-tls",
     "nasty-banner",
     "intermediate",
+    "starttls-injection",
 )
 # A banner with terminal escapes, a NUL and a long tail, within the line limit of a probe.
 NASTY_BANNER = "evil\x1b[2J\x1b]0;owned\x07\x00" + "A" * 900
@@ -185,6 +187,9 @@ class _Session:
                 self.send(f"250-{self.receiver.host}\r\n250-PIPELINING\r\n")
                 self.send("250-STARTTLS\r\n250 8BITMIME\r\n" if offer else "250 8BITMIME\r\n")
             elif verb == "STARTTLS" and kind != "notls" and not self.tls:
+                if kind == "starttls-injection":
+                    self.send("220 go ahead\r\n250 injected before the handshake\r\n")
+                    return
                 self.send("220 go ahead\r\n")
                 if kind == "silent-tls":
                     self.receiver.stop.wait(120)

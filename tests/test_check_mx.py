@@ -438,6 +438,7 @@ def test_check_mx_dns_failure_is_temporary(bed: Bed) -> None:
         ("endless-banner", "unreachable", "banner: reply of more than 100 lines"),
         ("huge-ehlo", "unreachable", "EHLO: reply line longer than 1024 bytes"),
         ("silent-tls", "defer", "TLS handshake: no answer in time"),
+        ("starttls-injection", "defer", "STARTTLS: the server sent data before the TLS handshake"),
     ],
 )
 def test_check_mx_hostile_receiver_is_bounded(
