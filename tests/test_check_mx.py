@@ -395,6 +395,17 @@ def test_check_mx_without_mx_records_probes_the_domain_itself(bed: Bed, smtp_bed
     assert data["mx_source"] == "implicit" and data["hosts"][0]["preference"] is None
 
 
+def test_check_mx_json_prints_one_object_per_domain_and_exits_with_the_worst(
+    bed: Bed, secure_cases: list[Case]
+) -> None:
+    good, bad = secure_cases[0], secure_cases[1]  # valid, wrongname
+    result = check_mx(bed, good.domain, bad.domain, options=("--json", *PRIVATE))
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o["domain"] for o in objects] == [good.domain, bad.domain]
+    assert [o["exit_status"] for o in objects] == [0, 1]
+    assert result.returncode == 1
+
+
 def test_check_mx_null_mx_says_the_domain_takes_no_mail(bed: Bed) -> None:
     domain = bed.unique_domain("cmxnull")
     bed.dns_set(domain, "MX", ["0 ."])
