@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from postfix_mtasts.config import Config
     from postfix_mtasts.dane import DaneResult
     from postfix_mtasts.mtasts import Result
+    from postfix_mtasts.resolver import Resolver
 
 # Exit statuses of `query`, in order of severity; several domains exit with the worst.
 EXIT_POLICY = 0
@@ -107,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="check DANE (TLSA with DNSSEC) before MTA-STS, as the daemon does with "
         "[dane] enabled (default: as configured)",
+    )
+    query.add_argument(
+        "--check-mx",
+        action="store_true",
+        help="also probe each MX host (EHLO, STARTTLS, certificate, TLSA) and say whether "
+        "Postfix would deliver to it with our answer; exit 0 when every MX host would get the "
+        "mail, 1 when some would not, 2 on a temporary error (docs/check-mx.md)",
+    )
+    query.add_argument(
+        "--smtp-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="with --check-mx: deadline of the probe of one MX address (0-300, default 30)",
     )
     query.add_argument("keys", nargs="*", metavar="DOMAIN", help="domains (or keys) to look up")
     query.set_defaults(handler=_query)
@@ -515,9 +529,39 @@ def _query(args: argparse.Namespace) -> int:
             answer = (verdict and postfix.dane_reply(verdict)) or postfix.policy_reply(
                 result.policy, profile, domain, result.policy_text
             )
-            status = _print_result(domain, result, answer, verdict, args.json)
+            if args.check_mx:
+                status = _check_mx(args, settings, resolver, domain, answer, result, verdict)
+            else:
+                status = _print_result(domain, result, answer, verdict, args.json)
         worst = max(worst, status)
     return worst
+
+
+def _check_mx(
+    args: argparse.Namespace,
+    settings: Config,
+    resolver: Resolver,
+    domain: str,
+    answer: str,
+    result: Result,
+    verdict: DaneResult | None,
+) -> int:
+    from postfix_mtasts import checkmx
+
+    check = checkmx.check_domain(
+        domain,
+        resolver,
+        answer=answer,
+        policy=result.policy,
+        dane_verdict=verdict,
+        ca_file=settings.https.ca_file,
+        allow_private_addresses=settings.https.allow_private_addresses,
+        timeout=args.smtp_timeout or checkmx.DEFAULT_TIMEOUT,
+    )
+    if not args.json:
+        # What `query` prints, then the hosts; with --json the check's object says it all.
+        _print_result(domain, result, answer, verdict, as_json=False)
+    return checkmx.report(check, args.json)
 
 
 def _print_key_without_policy(key: str, answer: str, as_json: bool) -> int:
