@@ -42,7 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from postfix_mtasts.dane import DaneResult, tlsa_usable
-from postfix_mtasts.fetch import _is_public
+from postfix_mtasts.fetch import is_public
 from postfix_mtasts.mtasts import Policy, is_hostname
 from postfix_mtasts.resolver import DNSFailure, DNSNotFound, DNSTemporaryError, Resolver
 
@@ -618,7 +618,7 @@ def check_domain(
         for count, address in enumerate(addresses):
             probe = AddressProbe(address)
             item.addresses.append(probe)
-            if not (allow_private_addresses or _is_public(ipaddress.ip_address(address))):
+            if not (allow_private_addresses or is_public(ipaddress.ip_address(address))):
                 probe.postfix = NOT_PROBED
                 probe.reason = "private address, not probed (allow_private_addresses is off)"
                 continue

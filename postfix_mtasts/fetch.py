@@ -272,7 +272,7 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Addres
     return ()
 
 
-def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(address, ipaddress.IPv6Address):
         # A form that embeds IPv4 reaches the IPv4 address it embeds (2002:7f00:1:: is
         # 127.0.0.1 through a 6to4 relay), so that address decides, whatever the IPv6 prefix's
@@ -280,7 +280,7 @@ def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         # not in 3.13). Teredo involves two: both must be public.
         embedded = _embedded_ipv4(address)
         if embedded:
-            return all(_is_public(ipv4) for ipv4 in embedded)
+            return all(is_public(ipv4) for ipv4 in embedded)
     # is_global alone lets multicast through, hence the explicit list.
     return address.is_global and not (
         address.is_loopback
@@ -407,7 +407,7 @@ class Fetcher:
                 address = ipaddress.ip_address(text)
             except ValueError as exc:
                 raise FetchError(f"{url}: resolver returned {text!r}, not an address") from exc
-            if self.allow_private_addresses or _is_public(address):
+            if self.allow_private_addresses or is_public(address):
                 allowed.append(str(address))
             else:
                 refused.append(str(address))

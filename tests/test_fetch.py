@@ -27,7 +27,7 @@ from postfix_mtasts.fetch import (
     Fetcher,
     FetchError,
     HTTPStatusError,
-    _is_public,
+    is_public,
 )
 from postfix_mtasts.resolver import DNSNotFound, Resolver
 
@@ -406,7 +406,7 @@ ADDRESSES: list[tuple[str, bool]] = [
 
 @pytest.mark.parametrize(("text", "public"), ADDRESSES)
 def test_embedded_ipv4_is_judged_by_the_address_it_embeds(text: str, public: bool) -> None:
-    assert _is_public(ipaddress.ip_address(text)) is public
+    assert is_public(ipaddress.ip_address(text)) is public
 
 
 def test_host_without_address_is_a_fetch_error_naming_the_dns_answer(fetcher: Fetcher) -> None:
