@@ -55,6 +55,8 @@ EXIT_TROUBLE = 2
 # The key asked through each map by default: a parent-domain probe, which the daemon answers
 # NOTFOUND without any lookup, so the check needs no network.
 DEFAULT_KEY = ".postfix-mtasts-doctor.invalid"
+# The socketmap name of the documented set-up (README, docs/postfix-setup.md).
+DEFAULT_MAP = "postfix"
 # Bounds on one postconf or postmap run and on a socketmap answer (Postfix itself waits 100 s).
 COMMAND_TIMEOUT = 30.0
 ANSWER_TIMEOUT = 10.0
@@ -395,6 +397,9 @@ def _ca_file_finding(path: str) -> Finding:
     subject = "smtp_tls_CAfile"
     try:
         context = ssl.create_default_context(cafile=path)
+    except ssl.SSLError:
+        # Read, but no certificate in it (SSLError is an OSError: caught first).
+        context = None
     except OSError as exc:
         cause = exc.strerror or str(exc)
         return Finding(
@@ -404,8 +409,6 @@ def _ca_file_finding(path: str) -> Finding:
             " any MX certificate; point it at a readable PEM file of CA certificates, such as"
             " /etc/ssl/certs/ca-certificates.crt",
         )
-    except ssl.SSLError:
-        context = None
     count = 0 if context is None else context.cert_store_stats().get("x509_ca", 0)
     if count == 0:
         return Finding(
@@ -456,6 +459,14 @@ def _listener_description(settings: config.Config) -> str:
     return ", ".join(settings.listen)
 
 
+def _same_place(listener: listeners.Listener, target: listeners.Listener) -> bool:
+    if isinstance(listener, listeners.UnixListener) and isinstance(target, listeners.UnixListener):
+        return os.path.normpath(listener.path) == os.path.normpath(target.path)
+    if isinstance(listener, listeners.InetListener) and isinstance(target, listeners.InetListener):
+        return (listener.host, listener.port) == (target.host, target.port)
+    return False
+
+
 def _ours(settings: config.Config, endpoint: str) -> bool | None:
     """Whether `endpoint` (as the smtp client reaches it) is one of the daemon's listeners; None
     when the daemon's listeners are systemd's and cannot be told from the file."""
@@ -468,16 +479,8 @@ def _ours(settings: config.Config, endpoint: str) -> bool | None:
         listener = listeners.parse_listener(spec)
         if isinstance(listener, listeners.SystemdListener):
             unknown = True
-        elif isinstance(listener, listeners.UnixListener):
-            if isinstance(target, listeners.UnixListener) and os.path.normpath(
-                target.path
-            ) == os.path.normpath(listener.path):
-                return True
-        elif isinstance(listener, listeners.InetListener) and isinstance(
-            target, listeners.InetListener
-        ):
-            if (listener.host, listener.port) == (target.host, target.port):
-                return True
+        elif _same_place(listener, target):
+            return True
     return None if unknown else False
 
 
@@ -615,7 +618,8 @@ def _check_name(
     if name in settings.maps:
         findings.append(Finding(Status.OK, where, f"map name {name!r}: profile [maps.{name}]"))
         return
-    if settings.maps:
+    # "postfix" is the name every example uses for the [policy] profile: not a misspelling.
+    if settings.maps and name != DEFAULT_MAP:
         known = ", ".join(f"[maps.{n}]" for n in sorted(settings.maps))
         findings.append(
             Finding(
@@ -688,12 +692,15 @@ def _check_answer(
             )
         )
         return
-    if done.stderr.strip():
+    # postmap: exit 1 and no output for not found; "fatal: ... query error" (exit 1) for no
+    # connection or an answer it refuses. Warnings about the configuration are not the map's.
+    fatal = [line for line in done.stderr.splitlines() if "fatal:" in line]
+    if done.returncode != 0 and fatal:
         findings.append(
             Finding(
                 Status.FAIL,
                 where,
-                f"{how}: {shown(done.stderr)}; start the daemon or make this endpoint one of"
+                f"{how}: {shown(fatal[0])}; start the daemon or make this endpoint one of"
                 " its listeners",
             )
         )
