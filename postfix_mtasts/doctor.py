@@ -882,7 +882,8 @@ def _check_dane(
             Finding(
                 Status.FAIL,
                 path,
-                f"nameserver {', '.join(nameservers) or '?'}: {cause}: Postfix treats every"
+                (f"nameserver {', '.join(nameservers)}: " if nameservers else "")
+                + f"{cause}: Postfix treats every"
                 " TLSA record as insecure and defers mail the daemon answers dane-only for;"
                 " make the nameserver there a validating resolver (such as unbound on"
                 " 127.0.0.1)",

@@ -419,9 +419,15 @@ def test_dane_without_dnssec_support_level_fails_and_resolvers_are_checked(
         f"FAIL: {pf.queue}/etc/resolv.conf: nameserver 127.0.0.9: no AD bit for {DANE_ZONE}:"
     ), report
 
+    # No resolv.conf in the chroot: the chrooted smtp client has no nameserver at all.
     pf.set(smtp_dns_support_level="dnssec")
+    (pf.queue / "etc/resolv.conf").unlink()
     report = run_doctor("-c", str(config), "--postfix-config", str(pf.path))
     assert "OK: smtp_dns_support_level: dnssec" in report.lines
+    assert report.has(
+        f"FAIL: {pf.queue}/etc/resolv.conf: no usable nameserver (cannot open"
+        f" {pf.queue}/etc/resolv.conf):"
+    ), report
 
 
 def test_daemon_resolver_that_does_not_validate_fails_with_dane(
