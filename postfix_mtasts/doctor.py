@@ -1,8 +1,9 @@
 """``postfix-mtasts doctor``: is the local Postfix set up so that MTA-STS works?
 
 Reads Postfix's configuration only through Postfix's own ``postconf`` (``-c DIR`` for another
-configuration directory): the values as Postfix expands them (``postconf -x -h``) and the fields
-of the ``smtp`` service in master.cf (``postconf -F``). Reads the daemon's configuration with
+configuration directory): the values as Postfix expands them (``postconf -x -h``), the ``-o``
+options of the ``smtp`` service in master.cf, which win over them (``postconf -P``), and that
+service's chroot field (``postconf -F``). Reads the daemon's configuration with
 `config.load`. Then checks what breaks MTA-STS in practice and says, per check, one line: ``OK``,
 ``WARN`` (works, but not as well as it could) or ``FAIL`` (MTA-STS does not work, or every mail is
 deferred), naming the parameter, file or key and what to change.
@@ -214,17 +215,17 @@ def _tool(name: str) -> str:
 
 
 class Postconf:
-    """Postfix's configuration as ``postconf [-c DIR]`` reports it."""
+    """Postfix's configuration as ``postconf [-c DIR]`` reports it, for the smtp client of the
+    ``smtp/unix`` service: a ``-o NAME=VALUE`` of that service in master.cf wins over main.cf,
+    as it does for the smtp client."""
+
+    SERVICE = "smtp/unix"
 
     def __init__(self, config_dir: str | None = None) -> None:
         self.config_dir = config_dir
         self._command = _tool("postconf")
         self._cache: dict[str, str] = {}
-
-    @property
-    def where(self) -> str:
-        """The main.cf the values come from, for the report."""
-        return os.path.join(self.config_dir or "/etc/postfix", "main.cf")
+        self._overrides: dict[str, str] | None = None
 
     def _run(self, *args: str) -> str:
         argv = [self._command, *(["-c", self.config_dir] if self.config_dir else []), *args]
@@ -238,16 +239,38 @@ class Postconf:
             raise DoctorError(f"{' '.join(argv)}: {shown(done.stderr) or 'failed'}")
         return done.stdout
 
+    def _service_overrides(self) -> dict[str, str]:
+        if self._overrides is None:
+            # One line per -o of the service: "smtp/unix/NAME = VALUE" ($names expanded).
+            prefix = f"{self.SERVICE}/"
+            overrides = {}
+            for line in self._run("-P", "-x", self.SERVICE).splitlines():
+                name, equals, value = line.partition(" = ")
+                if equals and name.startswith(prefix):
+                    overrides[name.removeprefix(prefix)] = value.strip()
+            self._overrides = overrides
+        return self._overrides
+
     def value(self, name: str) -> str:
-        """The value of main.cf parameter `name` as Postfix uses it ($names expanded); "" for an
-        empty value or a parameter this Postfix does not know."""
+        """The value of parameter `name` as the smtp client uses it ($names expanded): the
+        service's ``-o`` in master.cf, else main.cf's or the default; "" for an empty value or a
+        parameter this Postfix does not know."""
+        overrides = self._service_overrides()
+        if name in overrides:
+            return overrides[name]
         if name not in self._cache:
             self._cache[name] = self._run("-x", "-h", name).strip()
         return self._cache[name]
 
-    def service_field(self, service: str, field: str) -> str | None:
-        """A master.cf field (``smtp/unix``, ``chroot``); None when there is no such service."""
-        return self._run("-h", "-F", f"{service}/{field}").strip() or None
+    def subject(self, name: str) -> str:
+        """How the report names parameter `name`: where its value comes from."""
+        if name in self._service_overrides():
+            return f"{name} (master.cf {self.SERVICE} -o)"
+        return name
+
+    def service_field(self, field: str) -> str | None:
+        """A master.cf field of the service (``chroot``); None when there is no such service."""
+        return self._run("-h", "-F", f"{self.SERVICE}/{field}").strip() or None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,7 +338,7 @@ def _check_version(postconf: Postconf, findings: list[Finding]) -> PostfixVersio
 
 def _smtp_service(postconf: Postconf, findings: list[Finding]) -> _Smtp:
     queue = postconf.value("queue_directory")
-    chroot = postconf.service_field("smtp/unix", "chroot")
+    chroot = postconf.service_field("chroot")
     if chroot is None:
         findings.append(
             Finding(
@@ -336,8 +359,8 @@ def _smtp_service(postconf: Postconf, findings: list[Finding]) -> _Smtp:
 
 
 def _check_security_level(postconf: Postconf, findings: list[Finding]) -> None:
-    subject = "smtp_tls_security_level"
-    level = postconf.value(subject)
+    level = postconf.value("smtp_tls_security_level")
+    subject = postconf.subject("smtp_tls_security_level")
     hint = "set smtp_tls_security_level = may (opportunistic TLS for every other domain)"
     if not level:
         # postconf(5): an empty level falls back to the obsolete smtp_use_tls/smtp_enforce_tls.
@@ -378,7 +401,7 @@ def _check_ca(postconf: Postconf, smtp: _Smtp, findings: list[Finding]) -> None:
         findings.append(
             Finding(
                 Status.FAIL,
-                "smtp_tls_CAfile",
+                postconf.subject("smtp_tls_CAfile"),
                 "not set, nor smtp_tls_CApath: the secure level of an MTA-STS answer checks the"
                 " MX certificate against WebPKI roots, so every MTA-STS domain is deferred; set"
                 " smtp_tls_CAfile = /etc/ssl/certs/ca-certificates.crt",
@@ -388,13 +411,16 @@ def _check_ca(postconf: Postconf, smtp: _Smtp, findings: list[Finding]) -> None:
     if ca_file:
         # The smtp client reads its CA file before it enters the chroot (tls_client_init in
         # its pre-jail initialisation), so the path outside the chroot is the one that counts.
-        findings.append(_ca_file_finding(ca_file))
+        findings.append(_ca_file_finding(ca_file, postconf.subject("smtp_tls_CAfile")))
     if ca_path:
-        findings.append(_ca_path_finding(ca_path, smtp, also_file=bool(ca_file)))
+        findings.append(
+            _ca_path_finding(
+                ca_path, postconf.subject("smtp_tls_CApath"), smtp, also_file=bool(ca_file)
+            )
+        )
 
 
-def _ca_file_finding(path: str) -> Finding:
-    subject = "smtp_tls_CAfile"
+def _ca_file_finding(path: str, subject: str) -> Finding:
     try:
         context = ssl.create_default_context(cafile=path)
     except ssl.SSLError:
@@ -425,8 +451,7 @@ def _ca_file_finding(path: str) -> Finding:
     )
 
 
-def _ca_path_finding(path: str, smtp: _Smtp, *, also_file: bool) -> Finding:
-    subject = "smtp_tls_CApath"
+def _ca_path_finding(path: str, subject: str, smtp: _Smtp, *, also_file: bool) -> Finding:
     # OpenSSL opens a CA directory's files when it verifies, inside the chroot by then.
     seen = smtp.inside(path)
     where = f"{seen} (inside the smtp chroot)" if smtp.chrooted else seen
@@ -494,8 +519,8 @@ def _check_maps(
     config_name: str,
     key: str,
 ) -> None:
-    subject = "smtp_tls_policy_maps"
-    value = postconf.value(subject)
+    value = postconf.value("smtp_tls_policy_maps")
+    subject = postconf.subject("smtp_tls_policy_maps")
     first = settings.listen[0]
     example = first if first.startswith("inet:") else "inet:127.0.0.1:8461"
     tables = [(t, socketmap_table(t)) for t in split_maps(value)]
@@ -814,8 +839,8 @@ def _check_dane(
     from postfix_mtasts import resolver as dns_resolver
     from postfix_mtasts import service
 
-    subject = "smtp_dns_support_level"
-    level = postconf.value(subject)
+    level = postconf.value("smtp_dns_support_level")
+    subject = postconf.subject("smtp_dns_support_level")
     if level != "dnssec":
         findings.append(
             Finding(
@@ -823,7 +848,7 @@ def _check_dane(
                 subject,
                 f"{level or 'empty (the default)'}, but dane.enabled = true in {config_name}:"
                 " Postfix ignores the DNSSEC status of its lookups and cannot apply the"
-                f" daemon's dane/dane-only answers; set {subject} = dnssec",
+                f" daemon's dane/dane-only answers; set smtp_dns_support_level = dnssec",
             )
         )
     else:

@@ -363,6 +363,18 @@ def test_each_breakage_of_main_cf_has_its_line(
     assert report.has(expected), report
 
 
+def test_an_option_of_the_smtp_service_in_master_cf_wins_over_main_cf(
+    tmp_path: Path, ca_file: Path, daemon: Daemon
+) -> None:
+    pf = make_postfix_dir(tmp_path, ca_file, daemon.table())
+    postconf(pf.path, "-P", "-e", "smtp/unix/smtp_tls_security_level=none")
+    report = run_doctor("-c", str(daemon.config_path), "--postfix-config", str(pf.path))
+    assert report.status == 1, report
+    assert report.has(
+        "FAIL: smtp_tls_security_level (master.cf smtp/unix -o): none: mail to every domain"
+    ), report
+
+
 def test_ca_path_is_looked_for_inside_the_chroot(
     tmp_path: Path, ca_file: Path, daemon: Daemon
 ) -> None:
@@ -489,4 +501,5 @@ def test_json_report_and_exit_2_when_postconf_cannot_read_the_directory(
     assert report.status == 2, report
     assert report.stdout == ""
     assert report.stderr.startswith("postfix-mtasts doctor: ")
-    assert f"open {missing}/main.cf: No such file or directory" in report.stderr
+    assert f"postconf: fatal: open {missing}/" in report.stderr
+    assert report.stderr.rstrip().endswith("No such file or directory"), report
