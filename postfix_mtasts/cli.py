@@ -1,4 +1,5 @@
-"""The ``postfix-mtasts`` command: ``serve``, ``query``, ``cache``, ``check-config`` and ``health``.
+"""The ``postfix-mtasts`` command: ``serve``, ``query``, ``cache``, ``check-config``, ``health``
+and ``doctor``.
 
 Heavy modules (dnspython, requests, asyncio) are imported inside the subcommand that needs them, so
 that ``query --socketmap`` and ``--help`` start quickly.
@@ -176,7 +177,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="for connecting and the answer together (default: %(default)g, at most 300)",
     )
     health.set_defaults(handler=_health)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check that the local Postfix is set up for MTA-STS with this daemon",
+        description=(
+            "Read Postfix's configuration through postconf and the daemon's, and check what"
+            " breaks MTA-STS in practice: smtp_tls_policy_maps names a socketmap table where"
+            " the daemon answers (a unix: socket resolved inside the smtp chroot), a test key"
+            " answered through it as postmap -q asks it, the CA roots of the secure level,"
+            " smtp_tls_security_level, the Postfix version against each map's tlsrpt setting,"
+            " and with [dane] enabled smtp_dns_support_level and both resolvers. One line per"
+            " check: OK, WARN or FAIL, naming the parameter, file or key and what to change."
+        ),
+        epilog=DOCTOR_EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_option(doctor)
+    doctor.add_argument(
+        "--postfix-config",
+        metavar="DIR",
+        help="Postfix configuration directory, as postconf -c DIR (default: Postfix's own)",
+    )
+    doctor.add_argument(
+        "--key",
+        metavar="KEY",
+        help="the key asked through each socketmap table (default: a parent-domain probe the"
+        " daemon answers NOTFOUND without a lookup; give a domain with an MTA-STS policy to"
+        " check a real answer)",
+    )
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    doctor.set_defaults(handler=_doctor)
     return parser
+
+
+DOCTOR_EXIT_STATUSES = """exit status:
+  0  no check failed (warnings may have been printed)
+  1  at least one check failed (a FAIL line)
+  2  nothing could be checked: postconf not found or failing (a bad --postfix-config),
+     the daemon's configuration unreadable, or a usage error
+"""
 
 
 # `health`: the probe, a key every daemon answers NOTFOUND without a lookup (a parent-domain
@@ -450,6 +490,51 @@ def _shown(text: str) -> str:
     Python literal (no control characters), and bounded."""
     shown = text if text.isprintable() else repr(text)
     return shown if len(shown) <= HEALTH_SHOWN else shown[: HEALTH_SHOWN - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------------
+# doctor
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from postfix_mtasts import config, doctor
+
+    try:
+        settings = config.load(args.config, daemon_files=False)
+        postconf = doctor.Postconf(args.postfix_config)
+        findings = doctor.diagnose(
+            settings,
+            postconf,
+            config_name=_config_name(args.config),
+            key=args.key or doctor.DEFAULT_KEY,
+        )
+    except (config.ConfigError, doctor.DoctorError) as exc:
+        print(f"postfix-mtasts doctor: {exc}", file=sys.stderr)
+        return doctor.EXIT_TROUBLE
+    status = doctor.exit_status(findings)
+    if args.json:
+        report = {
+            "findings": [
+                {"status": str(f.status), "subject": f.subject, "message": f.message}
+                for f in findings
+            ],
+            "exit_status": status,
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        sys.stdout.write(doctor.render(findings))
+    return status
+
+
+def _config_name(path: str | None) -> str:
+    """The daemon's configuration as a report names it."""
+    import os
+
+    from postfix_mtasts import config
+
+    if path is not None:
+        return path
+    return config.DEFAULT_PATH if os.path.exists(config.DEFAULT_PATH) else "(built-in defaults)"
 
 
 # --------------------------------------------------------------------------------------------------
