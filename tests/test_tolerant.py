@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 from bed import Bed
-from mtasts_daemon import running_daemon
+from mtasts_daemon import Daemon, running_daemon
 
 from postfix_mtasts import cache_rules, config
 from postfix_mtasts.config import CacheConfig
@@ -413,7 +414,7 @@ def test_daemon_answers_secure_for_an_enforce_policy_with_a_bom_and_trailing_dot
     domain = _publish(bed, "tolerant")
     with running_daemon(bed, tmp_path) as daemon:
         answer = daemon.request(domain)
-        log = daemon.log()
+    log = daemon.log_path.read_text(errors="replace")
     assert answer == f"OK secure match=mail.{domain}:.{domain} servername=hostname"
     lines = [line for line in log.splitlines() if "policy-defects: " in line]
     assert len(lines) == 1, log
@@ -429,10 +430,47 @@ def test_daemon_set_to_strict_answers_notfound_for_the_same_policy(
     domain = _publish(bed, "strict")
     with running_daemon(bed, tmp_path, settings={"policy": {"parsing": "strict"}}) as daemon:
         answer = daemon.request(domain)
-        log = daemon.log()
+    log = daemon.log_path.read_text(errors="replace")
     assert answer == "NOTFOUND "
     assert "policy-defects" not in log
     assert "invalid policy" in log
+
+
+def _wait_for_log(daemon: Daemon, text: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = daemon.log_path.read_text(errors="replace")
+        if text in log:
+            return log
+        time.sleep(0.1)
+    pytest.fail(f"{text!r} not logged within {timeout} s; the log:\n{daemon.log()}")
+
+
+def test_switching_to_strict_takes_effect_at_restart_and_drops_the_cached_policy(
+    bed: Bed, tmp_path: Path
+) -> None:
+    domain = _publish(bed, "switch")
+    secure = f"OK secure match=mail.{domain}:.{domain} servername=hostname"
+    with running_daemon(bed, tmp_path, sqlite=True) as daemon:
+        assert daemon.request(domain) == secure
+        strict_text = daemon.config_text.replace(
+            '[policy]\ntesting = "notfound"', '[policy]\ntesting = "notfound"\nparsing = "strict"'
+        )
+        assert strict_text != daemon.config_text
+        daemon.config_path.write_text(strict_text)
+        daemon.process.send_signal(signal.SIGHUP)
+        log = _wait_for_log(daemon, "configuration reloaded")
+        assert "policy.parsing takes effect at the next restart" in log
+        # Memory still holds the policy read tolerantly.
+        assert daemon.request(domain) == secure
+    # The same cache file, now read strictly: the stored policy no longer parses, and the
+    # fetch reads it strictly too.
+    with running_daemon(
+        bed, tmp_path, sqlite=True, settings={"policy": {"parsing": "strict"}}
+    ) as daemon:
+        assert daemon.request(domain) == "NOTFOUND "
+    log = daemon.log_path.read_text(errors="replace")
+    assert f"{domain}: cached policy no longer parses" in log
 
 
 def test_query_shows_the_tolerated_defects_plain_and_in_json(bed: Bed, tmp_path: Path) -> None:
