@@ -330,6 +330,8 @@ def _show(args: argparse.Namespace, settings: Config) -> int:
                         "mx": [str(mx) for mx in policy.mx],
                         "max_age": policy.max_age,
                         "extensions": [list(e) for e in policy.extensions],
+                        # What the tolerant reading accepted, for the domain's postmaster.
+                        "defects": [mtasts.printable_defects((d,)) for d in policy.defects],
                     },
                     "policy_problem": problem,
                     "answers": answers,
@@ -355,6 +357,8 @@ def _show(args: argparse.Namespace, settings: Config) -> int:
             f"  {'policy:':<15}{policy.mode}, max_age {policy.max_age},"
             f" mx {', '.join(str(mx) for mx in policy.mx)}"
         )
+        if policy.defects:
+            lines.append(f"  {'defects:':<15}{mtasts.printable_defects(policy.defects)}")
     elif problem:
         lines.append(f"  {'policy:':<15}{problem}")
     else:

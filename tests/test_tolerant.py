@@ -35,6 +35,7 @@ from postfix_mtasts.mtasts import (
     printable_defects,
 )
 from postfix_mtasts.store import Entry
+from postfix_mtasts.store.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "tests" / "corpus"
@@ -297,6 +298,30 @@ def test_a_fetched_policy_with_defects_gives_one_greppable_warning() -> None:
         DOMAIN, plan, Record("STSv1", "1"), (clean, CLEAN), CacheConfig()
     )
     assert not [text for _, text in outcome.notes if "policy-defects" in text]
+
+
+def test_cache_show_names_the_defects_of_a_cached_policy(tmp_path: Path) -> None:
+    now = time.time()
+    cache_file = tmp_path / "cache.sqlite"
+    store = SqliteStore(str(cache_file))
+    try:
+        store.put(_stored(DEFECTIVE, now))
+    finally:
+        store.close()
+    settings = tmp_path / "config.toml"
+    settings.write_text(f'[cache]\npath = "{cache_file}"\n', encoding="utf-8")
+    shown = {}
+    for output in ("plain", "json"):
+        argv = [sys.executable, "-m", "postfix_mtasts", "cache", "show", "-c", str(settings)]
+        argv += [DOMAIN, "--json"] if output == "json" else [DOMAIN]
+        done = subprocess.run(
+            argv, cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done
+        shown[output] = done.stdout
+    assert "  defects:       byte-order mark; blank line; mx with trailing dot\n" in shown["plain"]
+    policy = json.loads(shown["json"])["policy"]
+    assert policy["defects"] == ["byte-order mark", "blank line", "mx with trailing dot"]
 
 
 # --------------------------------------------------------------------------------------------------
