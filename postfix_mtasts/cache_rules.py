@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from postfix_mtasts import mtasts
-from postfix_mtasts.config import CacheConfig
+from postfix_mtasts.config import CacheConfig, Config
 from postfix_mtasts.mtasts import Mode, Policy, Record
 from postfix_mtasts.store import Entry
 
@@ -86,9 +86,19 @@ SHORT_MAX_AGE = 86400
 MAX_CHANGE_TEXT = 300
 
 
+# Policies read back from the store are read as they were when fetched: with the daemon's
+# [policy] parsing setting, this default unless the caller passes it.
+TOLERANT = Config.parsing == "tolerant"
+# Every policy-defects line starts with this, then the domain and ": ": one string to grep for.
+DEFECTS_PREFIX = "policy-defects: "
+
+
 @functools.lru_cache(maxsize=PARSED_POLICIES)
 def _parsed(text: str, domain: str) -> Policy:
-    return mtasts.parse_policy(text, domain)
+    # Only texts that passed consult() or a fetch under the daemon's setting get here, and a
+    # tolerant reading of a text the strict one accepts gives the same Policy: whatever the
+    # setting, reading tolerantly here gives what that setting gave.
+    return mtasts.parse_policy(text, domain, tolerant=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,12 +273,15 @@ def _schedule(entry: Entry, policy: Policy | None, settings: CacheConfig) -> tup
     return entry.backoff_until, entry.backoff_until
 
 
-def _parse_cached(entry: Entry, now: float) -> tuple[Policy | None, tuple[Note, ...]]:
+def _parse_cached(
+    entry: Entry, now: float, tolerant: bool
+) -> tuple[Policy | None, tuple[Note, ...]]:
     if entry.policy_text is None or entry.expires_at is None or entry.expires_at <= now:
         return None, ()
     try:
-        return mtasts.parse_policy(entry.policy_text, entry.domain), ()
+        return mtasts.parse_policy(entry.policy_text, entry.domain, tolerant=tolerant), ()
     except mtasts.PolicySyntaxError as exc:
+        # Also a policy fetched under [policy] parsing = "tolerant" and read back under "strict".
         note = f"{entry.domain}: cached policy no longer parses ({exc}); ignoring it"
         return None, ((logging.WARNING, note),)
 
@@ -280,10 +293,13 @@ def consult(
     now: float,
     settings: CacheConfig,
     unread: str = "",
+    *,
+    tolerant: bool = TOLERANT,
 ) -> Answer | Plan:
     """What to do with what is known: ``stored`` is the store's entry (or the one memory holds
     because the store failed to take it), ``current`` the decision answered from memory until
-    now, ``unread`` why the store could not be read."""
+    now, ``unread`` why the store could not be read. ``tolerant``: read the stored policy as
+    ``[policy] parsing = "tolerant"`` does (else strictly)."""
     entry = stored
     if entry is None and current is not None and current.policy_text is not None:
         # The store lost the entry (purged, replaced, unreadable), but the policy in memory
@@ -300,7 +316,7 @@ def consult(
     cached: Policy | None = None
     notes: tuple[Note, ...] = ()
     if entry is not None:
-        cached, notes = _parse_cached(entry, now)
+        cached, notes = _parse_cached(entry, now, tolerant)
         decision = _decision(domain, entry, cached)
         valid_until, check_after = _schedule(entry, cached, settings)
         if now < valid_until and now < check_after:
@@ -544,18 +560,27 @@ def after_fetch(
     )
     notes: tuple[Note, ...] = ()
     kinds: tuple[str, ...] = ()
+    if policy.defects:
+        # Once per fetched policy, for the domain's postmaster to be told what to fix.
+        defects = mtasts.printable_defects(policy.defects)
+        line = f"{DEFECTS_PREFIX}{domain}: {defects}; read tolerantly ([policy] parsing)"
+        notes += ((logging.WARNING, line),)
     if cached is not None:
-        notes, kinds = _policy_changes(domain, cached, policy)
+        changed, kinds = _policy_changes(domain, cached, policy)
+        notes += changed
     summary = f"{policy.mode} policy, id {record.id}"
     return _outcome(domain, plan, settings, True, new, policy, summary, notes, changes=kinds)
 
 
-def forced_plan(domain: str, stored: Entry | None, now: float) -> Plan:
+def forced_plan(
+    domain: str, stored: Entry | None, now: float, *, tolerant: bool = TOLERANT
+) -> Plan:
     """Where a refresh an operator asked for (``postfix-mtasts cache refresh``) starts, whatever
     the entry's schedule or backoff says: :func:`consult`'s plan, never its answer. An unexpired
-    policy ``stored`` holds is the one a failed lookup keeps (§5); an expired one is dropped."""
+    policy ``stored`` holds is the one a failed lookup keeps (§5); an expired one is dropped.
+    ``tolerant`` as for :func:`consult`."""
     base = stored or Entry.unknown(domain, now)
-    cached, notes = _parse_cached(base, now)
+    cached, notes = _parse_cached(base, now, tolerant)
     if cached is None and base.policy_text is not None:
         # §5: an expired (or no longer parsable) policy is never used again.
         base = replace(base, policy_text=None, fetched_at=None, expires_at=None)

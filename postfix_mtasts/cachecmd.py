@@ -209,18 +209,19 @@ def _domains(texts: Iterable[str]) -> list[str]:
 # list, show
 
 
-def _policy(entry: Entry) -> tuple[mtasts.Policy | None, str]:
-    """The entry's policy parsed, or None and why not ("" when it holds none)."""
+def _policy(entry: Entry, tolerant: bool) -> tuple[mtasts.Policy | None, str]:
+    """The entry's policy parsed (``tolerant``: as ``[policy] parsing = "tolerant"`` reads it), or
+    None and why not ("" when it holds none)."""
     if entry.policy_text is None:
         return None, ""
     try:
-        return mtasts.parse_policy(entry.policy_text, entry.domain), ""
+        return mtasts.parse_policy(entry.policy_text, entry.domain, tolerant=tolerant), ""
     except mtasts.PolicySyntaxError as exc:
         return None, f"the cached policy does not parse: {exc.cause}"
 
 
-def _summary(entry: Entry, now: float) -> dict[str, Any]:
-    policy, problem = _policy(entry)
+def _summary(entry: Entry, now: float, tolerant: bool) -> dict[str, Any]:
+    policy, problem = _policy(entry, tolerant)
     expired = entry.expires_at is not None and entry.expires_at <= now
     return {
         "domain": entry.domain,
@@ -241,7 +242,7 @@ def _list(args: argparse.Namespace, settings: Config) -> int:
         if not args.json:
             print("DOMAIN MODE FETCHED EXPIRES LAST-USED MX LAST-ERROR")
         for entry in store.entries():
-            row = _summary(entry, now)
+            row = _summary(entry, now, settings.parsing == "tolerant")
             if args.json:
                 print(json.dumps(row))
                 continue
@@ -275,7 +276,9 @@ def _answers(entry: Entry, settings: Config, now: float) -> tuple[dict[str, str]
     """The reply each map gives for the entry now (``postfix``: the ``[policy]`` profile, then
     every ``[maps.NAME]``), built as the daemon builds it; empty, with the reason, when the
     daemon would look the domain up before answering."""
-    found = cache_rules.consult(entry.domain, entry, None, now, settings.cache)
+    found = cache_rules.consult(
+        entry.domain, entry, None, now, settings.cache, tolerant=settings.parsing == "tolerant"
+    )
     if not isinstance(found, Answer):
         return {}, "no answer in force: the daemon looks the domain up at its next request"
     decision = found.decision
@@ -301,7 +304,7 @@ def _show(args: argparse.Namespace, settings: Config) -> int:
         print(f"{domain}: not in the cache ({store_where(settings.cache)})", file=sys.stderr)
         return EXIT_SOME
     now = time.time()
-    policy, problem = _policy(entry)
+    policy, problem = _policy(entry, settings.parsing == "tolerant")
     answers, note = _answers(entry, settings, now)
     dane = settings.dane.enabled
     if args.json:
@@ -327,6 +330,8 @@ def _show(args: argparse.Namespace, settings: Config) -> int:
                         "mx": [str(mx) for mx in policy.mx],
                         "max_age": policy.max_age,
                         "extensions": [list(e) for e in policy.extensions],
+                        # What the tolerant reading accepted, for the domain's postmaster.
+                        "defects": [mtasts.printable_defects((d,)) for d in policy.defects],
                     },
                     "policy_problem": problem,
                     "answers": answers,
@@ -352,6 +357,8 @@ def _show(args: argparse.Namespace, settings: Config) -> int:
             f"  {'policy:':<15}{policy.mode}, max_age {policy.max_age},"
             f" mx {', '.join(str(mx) for mx in policy.mx)}"
         )
+        if policy.defects:
+            lines.append(f"  {'defects:':<15}{mtasts.printable_defects(policy.defects)}")
     elif problem:
         lines.append(f"  {'policy:':<15}{problem}")
     else:
@@ -420,7 +427,10 @@ class _Lookups:
         from postfix_mtasts.resolver import LocalError
 
         rules = self.settings.cache
-        plan = cache_rules.forced_plan(domain, self.store.get(domain), time.time())
+        tolerant = self.settings.parsing == "tolerant"
+        plan = cache_rules.forced_plan(
+            domain, self.store.get(domain), time.time(), tolerant=tolerant
+        )
         try:
             record: mtasts.Record | mtasts.MTASTSError
             try:
@@ -432,7 +442,7 @@ class _Lookups:
             if isinstance(step, Fetch):
                 fetched: tuple[mtasts.Policy, str] | mtasts.MTASTSError
                 try:
-                    fetched = mtasts.fetch_policy(domain, self.fetcher)
+                    fetched = mtasts.fetch_policy(domain, self.fetcher, tolerant=tolerant)
                 except mtasts.MTASTSError as exc:
                     fetched = exc
                     failed = True
@@ -526,7 +536,15 @@ def _warm(args: argparse.Namespace, settings: Config) -> int:
             domain
             for domain in domains
             if not isinstance(
-                cache_rules.consult(domain, store.get(domain), None, now, settings.cache), Answer
+                cache_rules.consult(
+                    domain,
+                    store.get(domain),
+                    None,
+                    now,
+                    settings.cache,
+                    tolerant=settings.parsing == "tolerant",
+                ),
+                Answer,
             )
         ]
         results = _look_up_all(lookups, wanted, args.jobs, args.rate)
@@ -670,7 +688,9 @@ def entry_from_json(line: bytes | str) -> Entry:
     expires_at = _number(data, "expires_at", optional=True)
     if policy_text is not None:
         try:
-            mtasts.parse_policy(policy_text, domain)
+            # Tolerantly: a daemon with [policy] parsing = "tolerant" stored it so. A daemon set
+            # to "strict" ignores such an entry when it reads it, and says so in its log.
+            mtasts.parse_policy(policy_text, domain, tolerant=True)
         except mtasts.PolicySyntaxError as exc:
             raise BadLine(f"policy_text: not a valid policy: {exc.cause}") from None
         if expires_at is None:

@@ -605,7 +605,9 @@ def _query(args: argparse.Namespace) -> int:
         else:
             try:
                 verdict = dane.evaluate(domain, resolver) if use_dane else None
-                result = mtasts.get(domain, resolver, fetcher)
+                result = mtasts.get(
+                    domain, resolver, fetcher, tolerant=settings.parsing == "tolerant"
+                )
             except LocalError as exc:
                 # This machine, not the domain, failed the lookup: nothing to say about it.
                 print(f"postfix-mtasts query: {domain}: {exc}", file=sys.stderr)
@@ -705,6 +707,10 @@ def _print_result(
                         "extensions": [list(e) for e in policy.extensions],
                     },
                     "policy_text": result.policy_text,
+                    # What the tolerant reading accepted, for the domain's postmaster to fix.
+                    "policy_defects": []
+                    if policy is None
+                    else [mtasts.printable_defects((d,)) for d in policy.defects],
                     "error": None
                     if error is None
                     else {"type": type(error).__name__, "message": str(error)},
@@ -737,6 +743,9 @@ def _print_result(
         policy = result.policy
         record_id = result.record.id
         lines.append(f"{domain}: {policy.mode} policy (id {record_id}, max_age {policy.max_age})")
+        if policy.defects:
+            defects = mtasts.printable_defects(policy.defects)
+            lines.append(f"  policy defects (tolerated; the domain should fix them): {defects}")
     elif result.record is not None:
         lines.append(f"{domain}: MTA-STS record found, but no usable policy")
     if result.record_text is not None:

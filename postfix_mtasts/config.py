@@ -62,6 +62,9 @@ DEFAULT_PATH = "/etc/postfix-mtasts/config.toml"
 Testing = Literal["notfound", "may", "secure"]
 Backend = Literal["sqlite", "memory", "redis", "postgresql"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+# How a fetched policy is read: "tolerant" accepts the defects whose meaning leaves no doubt
+# (mtasts.DEFECTS), "strict" is RFC 8461's grammar exactly.
+Parsing = Literal["tolerant", "strict"]
 
 # The longest line read. tomllib reads a dotted key of n parts in time quadratic in n (it
 # checks every prefix against the tables defined so far); with lines this short, what a line
@@ -227,6 +230,8 @@ class Config:
     maps: Mapping[str, Profile] = field(default_factory=dict)
     dane: DaneConfig = field(default_factory=DaneConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # [policy] parsing: one reading for every fetch, whichever map asked, so not in a Profile.
+    parsing: Parsing = "tolerant"
 
     def profile(self, name: str) -> Profile:
         """The profile for socketmap NAME; a name without `[maps.NAME]` gets `[policy]`."""
@@ -414,6 +419,7 @@ def _parse(top: _Table, daemon_files: bool = True) -> Config:
 
     t = top.table("policy")
     policy = _profile(t, d.policy)
+    parsing = t.choice("parsing", d.parsing, get_args(Parsing))
     t.close()
 
     maps_table = top.table("maps")
@@ -453,6 +459,7 @@ def _parse(top: _Table, daemon_files: bool = True) -> Config:
         maps=maps,
         dane=dane,
         metrics=metrics,
+        parsing=parsing,
     )
 
 
@@ -875,6 +882,8 @@ def dump(config: Config) -> str:
                 # A password never leaves the file it was written in.
                 value = redact_url(value)
             lines.append(f"{key} = {_toml_value(value)}")
+        if header == "policy":
+            lines.append(f"parsing = {_toml_value(config.parsing)}")
     return "\n".join(lines) + "\n"
 
 

@@ -6,17 +6,21 @@ says whether senders must use TLS (``enforce``), should only report (``testing``
 (``none``), and which MX host names a valid certificate must carry.
 
 This module parses both strictly to the RFC's ABNF (parsing is pure: strings in, values out),
-matches MX host names against a policy, and drives discovery through a resolver and a fetcher that
-live in their own modules. It knows nothing of Postfix, caches or sockets. Every failure is one
-of a small, closed set of errors that names the domain and chains its cause.
+reads a policy tolerantly when asked (only defects whose meaning leaves no doubt, each one named
+in ``Policy.defects``; see docs/policy-parsing.md), matches MX host names against a policy, and
+drives discovery through a resolver and a fetcher that live in their own modules. It knows
+nothing of Postfix, caches or sockets. Every failure is one of a small, closed set of errors
+that names the domain and chains its cause.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
+import ipaddress
 import re
 from dataclasses import dataclass
+from dataclasses import field as _field
 from typing import Protocol
 
 import idna
@@ -25,6 +29,8 @@ from postfix_mtasts import fetch as _fetch
 from postfix_mtasts import resolver as _resolver
 
 __all__ = [
+    "DEFECTS",
+    "MAX_DEFECT_TEXT",
     "MAX_MAX_AGE",
     "MX",
     "DNSError",
@@ -46,6 +52,7 @@ __all__ = [
     "parse_policy",
     "parse_record",
     "policy_url",
+    "printable_defects",
     "tls_report_failure_reason",
     "to_alabel",
 ]
@@ -218,13 +225,20 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """A parsed policy (RFC 8461 §3.2). ``mx`` keeps the policy's order."""
+    """A parsed policy (RFC 8461 §3.2). ``mx`` keeps the policy's order.
+
+    ``defects``: what a tolerant reading accepted outside the RFC's grammar, each one of
+    :data:`DEFECTS` (a dropped IP address ``mx`` names the address after ": "), in the order found,
+    each kind once; empty for a strict reading. Not part of the policy's value: the same policy with
+    or without defects compares equal, because it means the same.
+    """
 
     version: str
     mode: Mode
     mx: tuple[MX, ...]
     max_age: int
     extensions: tuple[tuple[str, str], ...] = ()
+    defects: tuple[str, ...] = _field(default=(), compare=False)
 
     def to_text(self) -> str:
         """The policy as a policy host would serve it: one field a line, LF line ends, ``version``,
@@ -368,11 +382,79 @@ def _policy_lines(text: str) -> list[str]:
     return lines
 
 
-def parse_policy(text: str | bytes, domain: str = "") -> Policy:
-    """Parse a policy strictly to the RFC 8461 §3.2 ABNF.
+# The defects a tolerant reading accepts: each leaves no doubt about what the policy's operator
+# meant (docs/policy-parsing.md gives the reason for each). Mixed LF and CRLF line ends and spaces
+# or tabs after a value are not here: RFC 8461's ABNF allows both.
+BYTE_ORDER_MARK = "byte-order mark"
+CR_LINE_END = "CR line end"
+BLANK_LINE = "blank line"
+INDENTED_LINE = "indented line"
+MX_TRAILING_DOT = "mx with trailing dot"
+MX_IP_ADDRESS = "mx is an IP address, dropped"
+DEFECTS = (BYTE_ORDER_MARK, CR_LINE_END, BLANK_LINE, INDENTED_LINE, MX_TRAILING_DOT, MX_IP_ADDRESS)
+
+# At most this many characters of defect text (it names a remote domain's IP address mx values)
+# go into one log line or query answer.
+MAX_DEFECT_TEXT = 200
+
+
+def printable_defects(defects: tuple[str, ...], limit: int = MAX_DEFECT_TEXT) -> str:
+    """``defects`` as one line safe to log: "; "-joined, control and non-ASCII characters escaped,
+    at most ``limit`` characters (cut with "...")."""
+    text = "; ".join(defects)
+    safe = "".join(ch if " " <= ch <= "~" else f"\\x{ord(ch):02x}" for ch in text)
+    # A \\x escape of a character above U+00FF is longer than 4: still printable ASCII.
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
+
+
+def _tolerant_lines(text: str, defects: list[str]) -> list[str]:
+    if text.startswith("\ufeff"):
+        # A byte-order mark says "this is UTF-8", nothing about the policy.
+        text = text[1:]
+        defects.append(BYTE_ORDER_MARK)
+    if "\r" in text.replace("\r\n", ""):
+        # A CR is never part of a key or value (the grammar excludes control characters), so a
+        # lone CR can only have been meant as a line end (old Mac OS, or CR CR LF).
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        defects.append(CR_LINE_END)
+    lines = []
+    for line in _policy_lines(text):
+        if not line.strip(" \t"):
+            # A blank line carries no field: dropping it loses nothing.
+            if BLANK_LINE not in defects:
+                defects.append(BLANK_LINE)
+            continue
+        if line[0] in " \t":
+            # A field is one line, so indentation cannot continue an earlier field: it is layout.
+            line = line.lstrip(" \t")
+            if INDENTED_LINE not in defects:
+                defects.append(INDENTED_LINE)
+        lines.append(line)
+    return lines
+
+
+def _ip_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(
+            value[1:-1] if value.startswith("[") and value.endswith("]") else value
+        )
+    except ValueError:
+        return False
+    return True
+
+
+def parse_policy(text: str | bytes, domain: str = "", *, tolerant: bool = False) -> Policy:
+    """Parse a policy strictly to the RFC 8461 §3.2 ABNF, or tolerantly (``tolerant``).
 
     LF and CRLF line ends are accepted, ``max_age`` is capped at one year, and every ``mx`` value
     must be a host name in A-label form (optionally ``*.`` and one). Raises ``PolicySyntaxError``.
+
+    ``tolerant`` also accepts, and names in ``Policy.defects``, the :data:`DEFECTS`: a UTF-8
+    byte-order mark, lone CR line ends, blank lines, indented lines and ``mx`` host names with a
+    trailing dot; an ``mx`` that is an IP address is dropped. Nothing that could change what the
+    policy means is accepted: a policy left without ``mx`` (in a mode other than ``none``), an
+    unknown version or mode, a bad ``max_age`` or a bad ``mx`` host name are errors as before, and
+    each ``mx`` kept passes the same host-name check as in a strict reading.
     """
 
     def fail(cause: str) -> PolicySyntaxError:
@@ -385,10 +467,15 @@ def parse_policy(text: str | bytes, domain: str = "") -> Policy:
             raise fail(f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     if not text:
         raise fail("empty policy")
+    defects: list[str] = []
+    lines = _tolerant_lines(text, defects) if tolerant else _policy_lines(text)
+    if not lines:
+        raise fail("no fields, only blank lines")
     first: dict[str, str] = {}
     mx: list[MX] = []
+    dropped: list[str] = []
     extensions: list[tuple[str, str]] = []
-    for number, line in enumerate(_policy_lines(text), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line:
             raise fail(f"line {number} is empty")
         key, colon, raw = line.partition(":")
@@ -400,6 +487,16 @@ def parse_policy(text: str | bytes, domain: str = "") -> Policy:
         if _POLICY_VALUE.fullmatch(value) is None:
             raise fail(f"line {number}: invalid value for {key!r}")
         if key == "mx":
+            if tolerant and _ip_address(value):
+                # An IP address is never an MX host name; passed on, Postfix would match
+                # addresses against it.
+                dropped.append(value)
+                continue
+            if tolerant and value.endswith(".") and not value.endswith(".."):
+                # The root label: "mx.example.com." names the same host as "mx.example.com".
+                value = value[:-1]
+                if MX_TRAILING_DOT not in defects:
+                    defects.append(MX_TRAILING_DOT)
             try:
                 mx.append(_parse_mx(value))
             except ValueError as exc:
@@ -409,6 +506,8 @@ def parse_policy(text: str | bytes, domain: str = "") -> Policy:
             first.setdefault(key, value)
         else:
             extensions.append((key, value))
+    if dropped:
+        defects.append(f"{MX_IP_ADDRESS}: {' '.join(dropped)}")
 
     version = first.get("version")
     if version is None:
@@ -429,13 +528,15 @@ def parse_policy(text: str | bytes, domain: str = "") -> Policy:
         raise fail(f"max_age {max_age_text!r} is not 1 to 10 digits")
     max_age = min(int(max_age_text), MAX_MAX_AGE)
     if not mx and mode is not Mode.NONE:
-        raise fail(f'no "mx" field in a {mode} policy')
+        left = " (only IP addresses, which are not host names)" if dropped else ""
+        raise fail(f'no "mx" field in a {mode} policy{left}')
     return Policy(
         version="STSv1",  # the constant, not the parsed copy: one string for all
         mode=mode,
         mx=tuple(mx),
         max_age=max_age,
         extensions=tuple(extensions),
+        defects=tuple(defects),
     )
 
 
@@ -505,12 +606,17 @@ def _the_record(domain: str, name: str, texts: list[str]) -> tuple[Record, str]:
 
 
 def fetch_policy(
-    domain: str, fetcher: PolicyFetcher, ipv4: _resolver.AddressOutcome = None
+    domain: str,
+    fetcher: PolicyFetcher,
+    ipv4: _resolver.AddressOutcome = None,
+    *,
+    tolerant: bool = False,
 ) -> tuple[Policy, str]:
     """Fetch and parse the policy of ``domain`` over HTTPS (RFC 8461 §3.3).
 
-    ``ipv4``: the outcome of the policy host's A query when it was already made. Returns the
-    policy and its text as served. Raises ``NoPolicyError`` (HTTP 404), ``PolicyFetchError`` or
+    ``ipv4``: the outcome of the policy host's A query when it was already made. ``tolerant``:
+    read it as :func:`parse_policy` does with ``tolerant``. Returns the policy and its text as
+    served. Raises ``NoPolicyError`` (HTTP 404), ``PolicyFetchError`` or
     ``PolicySyntaxError``.
     """
     domain = to_alabel(domain)
@@ -525,13 +631,16 @@ def fetch_policy(
         raise PolicyFetchError(domain, str(exc), webpki=True) from exc
     except _fetch.FetchError as exc:
         raise PolicyFetchError(domain, str(exc)) from exc
-    policy = parse_policy(body, domain)
+    policy = parse_policy(body, domain, tolerant=tolerant)
     # parse_policy succeeded, so the body is valid UTF-8.
     return policy, body.decode("utf-8")
 
 
-def get(domain: str, resolver: TXTResolver, fetcher: PolicyFetcher) -> Result:
-    """Discover the MTA-STS policy of ``domain``: the TXT record, then the policy.
+def get(
+    domain: str, resolver: TXTResolver, fetcher: PolicyFetcher, *, tolerant: bool = False
+) -> Result:
+    """Discover the MTA-STS policy of ``domain``: the TXT record, then the policy (read
+    tolerantly with ``tolerant``, as :func:`parse_policy` does).
 
     Never raises an ``MTASTSError``: the failure is in ``Result.error``, and the record is kept
     when only the policy failed. Raises ``ValueError`` when ``domain`` is not a domain name.
@@ -542,7 +651,7 @@ def get(domain: str, resolver: TXTResolver, fetcher: PolicyFetcher) -> Result:
     except MTASTSError as exc:
         return Result(record=None, policy=None, policy_text=None, error=exc)
     try:
-        policy, policy_text = fetch_policy(domain, fetcher)
+        policy, policy_text = fetch_policy(domain, fetcher, tolerant=tolerant)
     except MTASTSError as exc:
         return Result(record, None, None, exc, record_text)
     return Result(record, policy, policy_text, None, record_text)

@@ -233,10 +233,13 @@ class PolicyDB:
         settings: CacheConfig | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        tolerant: bool = cache_rules.TOLERANT,
     ) -> None:
         self.store = store
         self.resolver = resolver
         self.fetcher = fetcher
+        # [policy] parsing: how fetched policies, and those read back from the store, are read.
+        self.tolerant = tolerant
         self._clock = clock
         self._slots: dict[str, _Slot] = {}
         self._settings = settings or CacheConfig()
@@ -765,7 +768,9 @@ class PolicyDB:
                 # Memory answers a policy the store no longer holds: as with a store that cannot
                 # be read, only a definite answer from the network may replace it (§5).
                 unread = "the cache no longer holds the policy in force"
-        found = cache_rules.consult(domain, entry, current, self._clock(), self.settings, unread)
+        found = cache_rules.consult(
+            domain, entry, current, self._clock(), self.settings, unread, tolerant=self.tolerant
+        )
         _log_notes(found.notes)
         return found
 
@@ -785,7 +790,7 @@ class PolicyDB:
         if isinstance(step, Fetch):
             fetched: tuple[mtasts.Policy, str] | mtasts.MTASTSError
             try:
-                fetched = mtasts.fetch_policy(domain, self.fetcher, ipv4)
+                fetched = mtasts.fetch_policy(domain, self.fetcher, ipv4, tolerant=self.tolerant)
             except mtasts.MTASTSError as exc:
                 fetched = exc
                 reason = mtasts.tls_report_failure_reason(exc)
@@ -1078,7 +1083,9 @@ class PolicyDB:
             # without one, nor an older one written late.
             return
         self._unsaved.pop(domain, None)
-        found = cache_rules.consult(domain, entry, None, now, self.settings, "")
+        found = cache_rules.consult(
+            domain, entry, None, now, self.settings, "", tolerant=self.tolerant
+        )
         if isinstance(found, Answer):
             decision = found.decision
             if decision.parsed is not None:

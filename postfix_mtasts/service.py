@@ -513,7 +513,11 @@ class _Daemon:
         resolver = make_resolver(self.settings)
         store = make_store(self.settings)
         self.db = PolicyDB(
-            store, resolver, make_fetcher(self.settings, resolver), self.settings.cache
+            store,
+            resolver,
+            make_fetcher(self.settings, resolver),
+            self.settings.cache,
+            tolerant=self.settings.parsing == "tolerant",
         )
         dane_cache = self.start_dane(resolver)
         self.responder = Responder(self.settings, self.db, dane_cache)
@@ -633,6 +637,10 @@ class _Daemon:
         where = ("backend", "path", "url", "prefix", "table", "timeout")
         if [getattr(new.cache, key) for key in where] != [getattr(old.cache, key) for key in where]:
             log.warning("cache.%s take effect at the next restart", ", cache.".join(where))
+        if new.parsing != old.parsing:
+            # Policies held in memory were read with the old setting; a restart reads every
+            # cached policy again with the new one.
+            log.warning("policy.parsing takes effect at the next restart")
         try:
             self.server.update_listeners(new_listeners)
         except ListenerError as exc:

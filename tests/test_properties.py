@@ -45,6 +45,7 @@ from postfix_mtasts.mtasts import (
     PolicySyntaxError,
     Record,
     RecordSyntaxError,
+    is_hostname,
     parse_policy,
     parse_record,
 )
@@ -437,6 +438,129 @@ POLICY_LINES = st.one_of(
 )
 def test_any_policy_body_keeps_the_invariants_and_reserialises(body: bytes) -> None:
     props.check_policy(body)
+
+
+# --------------------------------------------------------------------------------------------------
+# The tolerant reading (docs/policy-parsing.md): the strict language unchanged, the defects it
+# accepts harmless, and nothing accepted that changes what a policy means.
+
+
+@st.composite
+def with_defects(draw: st.DrawFn, text: str) -> tuple[str, bool]:
+    """``text`` with tolerated defects added at random; True when at least one was added."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    out: list[str] = []
+    added = False
+    for line in lines:
+        if line.startswith("mx:") and draw(st.booleans()):
+            # An mx written with the root's trailing dot, before any WSP after the value.
+            value = line.rstrip(" \t")
+            line = value + "." + line[len(value) :]
+            added = True
+        if draw(st.booleans()):
+            line = draw(st.sampled_from([" ", "\t", "   "])) + line
+            added = True
+        if draw(st.integers(0, 4)) == 0:
+            out.append(draw(st.sampled_from(["", " ", "\t "])))
+            added = True
+        if draw(st.integers(0, 5)) == 0:
+            out.append(f"mx: {draw(st.sampled_from(['192.0.2.1', '[2001:db8::1]', '::1']))}")
+            added = True
+        out.append(line)
+    ends = draw(st.sampled_from(["\n", "\r\n", "\r", "mixed"]))
+    added |= ends == "\r"
+    pieces = [
+        line + (draw(st.sampled_from(["\n", "\r\n", "\r"])) if ends == "mixed" else ends)
+        for line in out
+    ]
+    added |= any(piece.endswith("\r") for piece in pieces)
+    body = "".join(pieces)
+    if draw(st.booleans()):
+        body = "\ufeff" + body
+        added = True
+    if draw(st.booleans()):
+        body += "\n" * draw(st.integers(1, 3))
+        added = True
+    return body, added
+
+
+@PROPERTY
+@given(policy_texts())
+def test_tolerant_reading_of_a_strictly_valid_policy_is_the_strict_reading(
+    case: tuple[str, Policy],
+) -> None:
+    text, policy = case
+    read = parse_policy(text, tolerant=True)
+    assert read == parse_policy(text) == policy
+    assert read.defects == ()
+
+
+@PROPERTY
+@given(st.data())
+def test_adding_tolerated_defects_to_a_valid_policy_gives_the_same_policy(data: Any) -> None:
+    text, policy = data.draw(policy_texts())
+    defective, added = data.draw(with_defects(text))
+    read = parse_policy(defective.encode("utf-8"), tolerant=True)
+    assert read == policy
+    assert bool(read.defects) == added
+    if added:
+        with pytest.raises(PolicySyntaxError):
+            parse_policy(defective)
+
+
+MEANING_CHANGES = [
+    ("mode", ["enforced", "Enforce", "[testing]", "test", "off", "enforce;"]),
+    ("version", ["STSv2", "STLS1", "stsv1", "STSv1.0"]),
+    ("max_age", ["86400s", "-1", "1e5", "12345678901", "86 400", "one day"]),
+]
+
+
+@PROPERTY
+@given(st.data())
+def test_tolerant_reading_never_accepts_a_change_of_meaning(data: Any) -> None:
+    text, policy = data.draw(policy_texts())
+    lines = text.replace("\r\n", "\n").splitlines()
+    key, values = data.draw(st.sampled_from([*MEANING_CHANGES, ("mx", [])]))
+    if key == "mx":
+        if policy.mode is Mode.NONE:
+            return  # a none policy may have no mx
+        # No mx left, or only IP addresses: nothing says which host names are allowed.
+        kept = [line for line in lines if not line.startswith("mx:")]
+        kept += ["mx: 192.0.2.7"] * data.draw(st.integers(0, 2))
+    else:
+        # The first field of a kind counts (§3.2): change that one.
+        first = next(i for i, line in enumerate(lines) if line.startswith(f"{key}:"))
+        kept = list(lines)
+        kept[first] = f"{key}: {data.draw(st.sampled_from(values))}"
+    changed = "\n".join(kept) + "\n"
+    defective, _ = data.draw(with_defects(changed))
+    for body in (changed, defective):
+        for tolerant in (False, True):
+            with pytest.raises(PolicySyntaxError):
+                parse_policy(body, tolerant=tolerant)
+
+
+@PROPERTY
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(POLICY_LINES, st.sampled_from(["mx: 10.0.0.1", "mx: a.example.", "  mx: b"])),
+            st.sampled_from(["\n", "\r\n", "\r", "", "\n\n"]),
+        ),
+        max_size=8,
+    ).map(lambda parts: "".join(line + term for line, term in parts)),
+    st.booleans(),
+)
+def test_tolerant_reading_passes_only_host_names_as_mx(text: str, bom: bool) -> None:
+    try:
+        policy = parse_policy(("\ufeff" if bom else "") + text, tolerant=True)
+    except PolicySyntaxError:
+        return
+    for mx in policy.mx:
+        assert is_hostname(mx.domain)
+        assert set(str(mx)) <= set("abcdefghijklmnopqrstuvwxyz0123456789.-*")
 
 
 # --------------------------------------------------------------------------------------------------
