@@ -12,7 +12,6 @@ import hashlib
 import json
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import querycli
 from bed import EE, USABLE_EE, Bed, Response, Scenario, policy_text
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -75,22 +75,17 @@ def publish(
 def check_mx(
     bed: Bed, *domains: str, options: tuple[str, ...] = (), nameserver: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    argv = [
-        sys.executable,
-        "-m",
-        "postfix_mtasts",
-        "query",
+    """``query --check-mx``; private addresses only with ``options`` that allow them."""
+    return querycli.query(
+        bed,
         "--check-mx",
-        "--nameserver",
-        nameserver or bed.resolver_nameservers[0],
-        "--ca-file",
-        bed.ca_file,
-        "--https-timeout",
-        "5",
         *options,
         *domains,
-    ]
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+        nameserver=nameserver or None,
+        private=False,
+        https_timeout=5,
+        timeout=120,
+    )
 
 
 def check_mx_json(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import querycli
 from bed import SCENARIOS, Bed, domain_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,30 +25,14 @@ EXIT_POLICY = 0
 EXIT_NO_POLICY = 1
 EXIT_TEMPORARY = 2
 
-# The slow and hanging policy hosts are given this deadline; the CLI must give up soon after it.
-HTTPS_TIMEOUT = 2.0
+HTTPS_TIMEOUT = querycli.HTTPS_TIMEOUT
 
 
 def query(
     bed: Bed, *domains: str, nameserver: str | None = None, options: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m postfix_mtasts query`` against the bed, the way a postmaster would."""
-    argv = [
-        sys.executable,
-        "-m",
-        "postfix_mtasts",
-        "query",
-        "--nameserver",
-        nameserver or bed.resolver_nameservers[0],
-        "--ca-file",
-        bed.ca_file,
-        "--allow-private-addresses",
-        "--https-timeout",
-        str(HTTPS_TIMEOUT),
-        *options,
-        *domains,
-    ]
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    return querycli.query(bed, *options, *domains, nameserver=nameserver)
 
 
 def query_json(

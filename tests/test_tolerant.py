@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import querycli
 from bed import Bed
 from mtasts_daemon import Daemon, running_daemon
 
@@ -416,21 +417,8 @@ def _publish(bed: Bed, prefix: str) -> str:
 def _query(
     bed: Bed, domain: str, *options: str, config_file: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    argv = [
-        sys.executable,
-        "-m",
-        "postfix_mtasts",
-        "query",
-        *(["--config", str(config_file)] if config_file else []),
-        "--nameserver",
-        bed.resolver_nameservers[0],
-        "--ca-file",
-        bed.ca_file,
-        "--allow-private-addresses",
-        *options,
-        domain,
-    ]
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    config = ("--config", str(config_file)) if config_file else ()
+    return querycli.query(bed, *config, *options, domain)
 
 
 def test_daemon_answers_secure_for_an_enforce_policy_with_a_bom_and_trailing_dots(
