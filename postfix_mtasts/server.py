@@ -68,10 +68,6 @@ _ACCEPT_RETRY_DELAY = 1.0
 _MAX_EVICTING = 8
 # How long a closed connection may keep unread replies before it is aborted.
 _CLOSE_LINGER = 10.0
-# The connections of a server read into one buffer of this size and copy out what a read brought
-# at once (buffer_updated). asyncio's plain Protocol would instead receive into a new 256 KiB
-# object per read, which glibc maps, shrinks and unmaps again: three system calls per request.
-_READ_BUFFER = 65536
 
 
 class Responder(Protocol):
@@ -110,7 +106,7 @@ class _Pending:
         self.connection._lookup_timed_out(self)
 
 
-class _Connection(asyncio.BufferedProtocol):
+class _Connection(asyncio.Protocol):
     """One client connection: frames in, replies out, in request order.
 
     At most `Server.max_pipelined` requests are in flight (waiting for a lookup, or answered
@@ -124,7 +120,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._loop = server._loop_or_fail()
         self._lookup = server.responder.lookup
         self._decoder = Decoder(netstring.MAX_QUERY)
-        self._buffer = server._read_buffer
         self._transport: asyncio.Transport | None = None
         self._peer = peer
         # Replies not yet written: bytes when ready, _Pending while its future runs. Empty in
@@ -166,14 +161,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._timer = self._loop.call_at(
             self._last_activity + server.idle_timeout, self._check_timeouts
         )
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # The server's one buffer: asyncio calls buffer_updated right after the read into it,
-        # on the server's loop, before any other connection reads.
-        return self._buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(self._buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         # No call while frames are held: reading is paused then (asyncio delivers nothing
@@ -669,7 +656,6 @@ class Server:
         self._bound: dict[Listener, Bound] = {}
         self._systemd_adopted = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._read_buffer = memoryview(bytearray(_READ_BUFFER))
         self._accepting = False
         self._accept_retry: asyncio.TimerHandle | None = None
         # Accepted sockets, from accept() until connection_lost: the number the cap applies to.
