@@ -208,9 +208,9 @@ async def test_many_requests_on_one_connection_are_answered() -> None:
 
 
 @aio
-async def test_connections_sharing_the_read_buffer_keep_their_own_requests() -> None:
-    # Two clients each send far more than one read takes, in writes that end mid-frame, so
-    # both keep partial frames while the other's reads go through the server's one buffer.
+async def test_partial_frames_of_two_connections_stay_apart() -> None:
+    # Two clients each send far more than one read takes, in writes that end mid-frame and
+    # alternate between them: each connection's decoder keeps its own partial frame.
     async with serving() as server:
         clients = [await Client.inet(server) for _ in range(2)]
         count = 6000
