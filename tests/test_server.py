@@ -209,8 +209,8 @@ async def test_many_requests_on_one_connection_are_answered() -> None:
 
 @aio
 async def test_partial_frames_of_two_connections_stay_apart() -> None:
-    # Two clients each send far more than one read takes, in writes that end mid-frame and
-    # alternate between them: each connection's decoder keeps its own partial frame.
+    # Two clients each send 6000 requests in writes that end mid-frame and alternate between
+    # them: each connection's decoder keeps its own partial frame.
     async with serving() as server:
         clients = [await Client.inet(server) for _ in range(2)]
         count = 6000
