@@ -374,13 +374,8 @@ def _keeping(domain: str, cause: str, cached: Policy, base: Entry) -> Note:
     )
 
 
-def _printable(text: str, limit: int = MAX_CHANGE_TEXT) -> str:
-    """``text`` from a remote domain as it may enter a log line: ASCII without control characters
-    (anything else written as its Python escape), at most ``limit`` characters."""
-    shown = "".join(c if " " <= c <= "~" else ascii(c)[1:-1] for c in text)
-    if len(shown) > limit:
-        shown = shown[: limit - 3] + "..."
-    return shown
+def _printable(text: str) -> str:
+    return mtasts.printable(text, MAX_CHANGE_TEXT)
 
 
 def _mx_patterns(policy: Policy) -> str:

@@ -41,6 +41,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from postfix_mtasts import mtasts
 from postfix_mtasts.dane import DaneResult, tlsa_usable
 from postfix_mtasts.fetch import is_public
 from postfix_mtasts.mtasts import Policy, is_hostname
@@ -88,22 +89,9 @@ class ProbeError(Exception):
 
 
 def printable(text: str | bytes, limit: int = MAX_SHOWN) -> str:
-    """Remote text made safe to print: control and non-ASCII characters as ``\\xNN``, at most
-    ``limit`` characters, "..." when cut."""
-    if isinstance(text, bytes):
-        text = text.decode("latin-1")
-    out: list[str] = []
-    size = 0
-    for char in text:
-        piece = char if " " <= char <= "~" else f"\\x{ord(char) & 0xFF:02x}"
-        if ord(char) > 0xFF:
-            piece = f"\\u{ord(char):04x}"
-        if size + len(piece) > limit:
-            out.append("...")
-            break
-        out.append(piece)
-        size += len(piece)
-    return "".join(out)
+    """Remote text made safe to print (:func:`postfix_mtasts.mtasts.printable`), at most
+    ``limit`` characters."""
+    return mtasts.printable(text, limit)
 
 
 # --------------------------------------------------------------------------------------------------

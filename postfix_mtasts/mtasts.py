@@ -52,6 +52,7 @@ __all__ = [
     "parse_policy",
     "parse_record",
     "policy_url",
+    "printable",
     "printable_defects",
     "tls_report_failure_reason",
     "to_alabel",
@@ -398,13 +399,29 @@ DEFECTS = (BYTE_ORDER_MARK, CR_LINE_END, BLANK_LINE, INDENTED_LINE, MX_TRAILING_
 MAX_DEFECT_TEXT = 200
 
 
+def printable(text: str | bytes, limit: int = MAX_DEFECT_TEXT) -> str:
+    """Text from a remote party (a domain's policy, a server's reply, an error naming either)
+    made fit for one log or output line: printable ASCII stays, anything else is written as its
+    Python escape (bytes are read as Latin-1 first), and the result is at most ``limit``
+    characters, cut between escapes and ended with "..." when shortened."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    pieces = [c if " " <= c <= "~" else ascii(c)[1:-1] for c in text]
+    if sum(map(len, pieces)) <= limit:
+        return "".join(pieces)
+    shown: list[str] = []
+    room = limit - 3
+    for piece in pieces:
+        room -= len(piece)
+        if room < 0:
+            break
+        shown.append(piece)
+    return "".join(shown) + "..."
+
+
 def printable_defects(defects: tuple[str, ...], limit: int = MAX_DEFECT_TEXT) -> str:
-    """``defects`` as one line safe to log: "; "-joined, control and non-ASCII characters escaped,
-    at most ``limit`` characters (cut with "...")."""
-    text = "; ".join(defects)
-    safe = "".join(ch if " " <= ch <= "~" else f"\\x{ord(ch):02x}" for ch in text)
-    # A \\x escape of a character above U+00FF is longer than 4: still printable ASCII.
-    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
+    """``defects`` as one line safe to log: "; "-joined and :func:`printable`."""
+    return printable("; ".join(defects), limit)
 
 
 def _tolerant_lines(text: str, defects: list[str]) -> list[str]:

@@ -48,6 +48,7 @@ from postfix_mtasts.mtasts import (
     is_hostname,
     parse_policy,
     parse_record,
+    printable,
 )
 from postfix_mtasts.netstring import (
     MAX_QUERY,
@@ -971,3 +972,13 @@ def test_dotted_keys_as_long_as_a_line_may_be_take_linear_time() -> None:
 def test_a_line_longer_than_max_line_is_refused() -> None:
     with pytest.raises(ConfigError, match=rf"^x.toml: line 2: longer than {MAX_LINE} characters"):
         loads("[dns]\na" + ".a" * MAX_LINE + " = 1\n", "x.toml")
+
+
+@given(text=st.one_of(st.text(), st.binary()), limit=st.integers(min_value=3, max_value=400))
+def test_printable_gives_one_bounded_line_of_printable_ascii(text: str | bytes, limit: int) -> None:
+    shown = printable(text, limit)
+    assert len(shown) <= limit
+    assert all(" " <= ch <= "~" for ch in shown)
+    whole = text.decode("latin-1") if isinstance(text, bytes) else text
+    if len(whole) <= limit and all(" " <= ch <= "~" for ch in whole):
+        assert shown == whole  # text that is already fit is shown as it is
