@@ -61,6 +61,9 @@ SMTP_PORT = 25
 # The deadline of one address's probe; one MX host gets at most HOST_TIMEOUTS of them in all.
 DEFAULT_TIMEOUT = 30.0
 HOST_TIMEOUTS = 2
+# MX hosts probed per domain, in order of preference: the rest are listed, not probed, so a
+# domain publishing hundreds of MX records cannot hold the probe for hours.
+MAX_HOSTS = 10
 # Addresses probed per MX host, a bound of ours (Postfix's smtp_mx_address_limit, default 5,
 # caps the addresses it tries for the whole domain).
 MAX_ADDRESSES = 5
@@ -556,7 +559,8 @@ def check_domain(
 ) -> DomainCheck:
     """Probe every MX host of ``domain`` and judge it against ``answer`` (the daemon's reply to
     Postfix). ``timeout`` bounds the probe of one address from connect to QUIT, and twice it
-    the probes of one MX host; at most ``MAX_ADDRESSES`` addresses of a host are probed."""
+    the probes of one MX host; at most ``MAX_HOSTS`` MX hosts and ``MAX_ADDRESSES`` addresses of
+    each are probed."""
     check = DomainCheck(domain, answer, "mx")
     if policy is not None:
         check.policy_mode, check.policy_mx = policy.mode.value, [str(mx) for mx in policy.mx]
@@ -580,9 +584,13 @@ def check_domain(
         # EHLO takes a domain (RFC 5321 §4.1.1.1); this machine's name may be none.
         ehlo = "localhost"
     verify = _verify_context(ca_file)
-    for preference, host in exchanges:
+    for number, (preference, host) in enumerate(exchanges):
         item = HostCheck(host, preference, None if policy is None else policy.matches(host))
         check.hosts.append(item)
+        if number >= MAX_HOSTS:
+            item.postfix = NOT_PROBED
+            item.reason = f"not probed: only the first {MAX_HOSTS} MX hosts are"
+            continue
         tlsa_records: list[Any] = []
         tlsa_secure = False
         if dane_verdict is not None:

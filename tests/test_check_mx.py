@@ -411,6 +411,22 @@ def test_check_mx_null_mx_says_the_domain_takes_no_mail(bed: Bed) -> None:
     assert data["mx_source"] == "null-mx" and data["hosts"] == []
 
 
+def test_check_mx_probes_at_most_ten_mx_hosts(bed: Bed) -> None:
+    # An attacker's domain with many MX hosts: the first ten (by preference) are looked at, the
+    # rest only listed. These names have no address, so each probed one is skipped at once.
+    domain = bed.unique_domain("cmxmany")
+    hosts = [f"mx{n:02d}.{domain}" for n in range(14)]
+    bed.dns_set(domain, "MX", [f"{n} {host}." for n, host in enumerate(hosts)])
+    data = check_mx_json(bed, domain, options=PRIVATE)
+    assert [h["host"] for h in data["hosts"]] == hosts
+    for host in data["hosts"][:10]:
+        assert host["postfix"] != "not-probed" and "Postfix skips this MX host" in host["reason"]
+    for host in data["hosts"][10:]:
+        assert host["postfix"] == "not-probed"
+        assert host["reason"] == "not probed: only the first 10 MX hosts are"
+    assert data["exit_status"] == 1
+
+
 def test_check_mx_does_not_probe_private_addresses_unless_allowed(
     bed: Bed, smtp_bed: SMTPBed
 ) -> None:
