@@ -881,16 +881,13 @@ def _check_dane(
     # Postfix's: the resolv.conf the smtp client reads, inside its chroot when chrooted.
     path = smtp.inside("/etc/resolv.conf")
     try:
-        import dns.resolver
-
-        theirs = dns.resolver.Resolver(filename=path, configure=True)
-        nameservers = [str(ns) for ns in theirs.nameservers]
+        nameservers = dns_resolver.nameservers_in(path)
         postfix_resolver = dns_resolver.Resolver(
             nameservers, timeout=DNS_TIMEOUT, lifetime=2 * DNS_TIMEOUT
         )
         validates = postfix_resolver.validates(check)
         cause = f"no AD bit for {check}"
-    except (dns.resolver.NoResolverConfiguration, ValueError) as exc:
+    except ValueError as exc:
         validates, nameservers, cause = False, [], f"no usable nameserver ({shown(str(exc))})"
     except dns_resolver.LocalError as exc:
         validates, cause = False, shown(str(exc))

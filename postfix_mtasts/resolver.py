@@ -61,6 +61,7 @@ __all__ = [
     "Resolver",
     "SecureAnswer",
     "local_cause",
+    "nameservers_in",
 ]
 
 
@@ -174,6 +175,16 @@ def _describe_errors(errors: Sequence[dns.resolver.ErrorTuple]) -> str:
         if text not in seen:
             seen.append(text)
     return ", ".join(seen)
+
+
+def nameservers_in(path: str) -> list[str]:
+    """The nameservers a resolv.conf file names, as addresses, read as the C library reads it.
+    Raises ``ValueError`` (dnspython's reason) when it cannot be read or names none."""
+    try:
+        conf = dns.resolver.Resolver(filename=path, configure=True)
+    except dns.resolver.NoResolverConfiguration as exc:
+        raise ValueError(str(exc)) from exc
+    return [str(ns) for ns in conf.nameservers]
 
 
 class Resolver:
