@@ -242,7 +242,7 @@ def _list(args: argparse.Namespace, settings: Config) -> int:
         if not args.json:
             print("DOMAIN MODE FETCHED EXPIRES LAST-USED MX LAST-ERROR")
         for entry in store.entries():
-            row = _summary(entry, now, settings.parsing == "tolerant")
+            row = _summary(entry, now, settings.tolerant)
             if args.json:
                 print(json.dumps(row))
                 continue
@@ -277,7 +277,7 @@ def _answers(entry: Entry, settings: Config, now: float) -> tuple[dict[str, str]
     every ``[maps.NAME]``), built as the daemon builds it; empty, with the reason, when the
     daemon would look the domain up before answering."""
     found = cache_rules.consult(
-        entry.domain, entry, None, now, settings.cache, tolerant=settings.parsing == "tolerant"
+        entry.domain, entry, None, now, settings.cache, tolerant=settings.tolerant
     )
     if not isinstance(found, Answer):
         return {}, "no answer in force: the daemon looks the domain up at its next request"
@@ -304,7 +304,7 @@ def _show(args: argparse.Namespace, settings: Config) -> int:
         print(f"{domain}: not in the cache ({store_where(settings.cache)})", file=sys.stderr)
         return EXIT_SOME
     now = time.time()
-    policy, problem = _policy(entry, settings.parsing == "tolerant")
+    policy, problem = _policy(entry, settings.tolerant)
     answers, note = _answers(entry, settings, now)
     dane = settings.dane.enabled
     if args.json:
@@ -427,7 +427,7 @@ class _Lookups:
         from postfix_mtasts.resolver import LocalError
 
         rules = self.settings.cache
-        tolerant = self.settings.parsing == "tolerant"
+        tolerant = self.settings.tolerant
         plan = cache_rules.forced_plan(
             domain, self.store.get(domain), time.time(), tolerant=tolerant
         )
@@ -542,7 +542,7 @@ def _warm(args: argparse.Namespace, settings: Config) -> int:
                     None,
                     now,
                     settings.cache,
-                    tolerant=settings.parsing == "tolerant",
+                    tolerant=settings.tolerant,
                 ),
                 Answer,
             )

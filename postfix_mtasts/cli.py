@@ -605,9 +605,7 @@ def _query(args: argparse.Namespace) -> int:
         else:
             try:
                 verdict = dane.evaluate(domain, resolver) if use_dane else None
-                result = mtasts.get(
-                    domain, resolver, fetcher, tolerant=settings.parsing == "tolerant"
-                )
+                result = mtasts.get(domain, resolver, fetcher, tolerant=settings.tolerant)
             except LocalError as exc:
                 # This machine, not the domain, failed the lookup: nothing to say about it.
                 print(f"postfix-mtasts query: {domain}: {exc}", file=sys.stderr)

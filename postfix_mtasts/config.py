@@ -237,6 +237,11 @@ class Config:
         """The profile for socketmap NAME; a name without `[maps.NAME]` gets `[policy]`."""
         return self.maps.get(name, self.policy)
 
+    @property
+    def tolerant(self) -> bool:
+        """Whether policies are read tolerantly (``[policy] parsing``)."""
+        return self.parsing == "tolerant"
+
 
 # --- loading -------------------------------------------------------------------------------------
 

@@ -517,7 +517,7 @@ class _Daemon:
             resolver,
             make_fetcher(self.settings, resolver),
             self.settings.cache,
-            tolerant=self.settings.parsing == "tolerant",
+            tolerant=self.settings.tolerant,
         )
         dane_cache = self.start_dane(resolver)
         self.responder = Responder(self.settings, self.db, dane_cache)
