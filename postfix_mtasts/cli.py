@@ -486,10 +486,10 @@ def _health_cause(exc: Exception, endpoint: str, timeout: float) -> str:
 
 
 def _shown(text: str) -> str:
-    """``text`` fit for one line of a monitoring system: what another program sent is shown as a
-    Python literal (no control characters), and bounded."""
-    shown = text if text.isprintable() else repr(text)
-    return shown if len(shown) <= HEALTH_SHOWN else shown[: HEALTH_SHOWN - 3] + "..."
+    """``text`` fit for one line of a monitoring system (:func:`client.one_line`)."""
+    from postfix_mtasts import client
+
+    return client.one_line(text, HEALTH_SHOWN)
 
 
 # --------------------------------------------------------------------------------------------------

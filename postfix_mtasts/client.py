@@ -21,6 +21,14 @@ from postfix_mtasts.listeners import ListenerError, UnixListener, parse_endpoint
 TIMEOUT = 100.0
 
 
+def one_line(text: str, limit: int) -> str:
+    """What another program said (a daemon's answer, a tool's error), fit for one line of a
+    report: a Python literal when it holds a control character, at most ``limit`` characters."""
+    text = text.strip()
+    line = text if text.isprintable() else repr(text)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class ClientError(Exception):
     pass
 

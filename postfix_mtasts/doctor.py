@@ -102,10 +102,8 @@ def exit_status(findings: Sequence[Finding]) -> int:
 
 
 def shown(text: str) -> str:
-    """Text another program produced, fit for one line: no control characters, bounded."""
-    text = text.strip()
-    line = text if text.isprintable() else repr(text)
-    return line if len(line) <= SHOWN else line[: SHOWN - 3] + "..."
+    """Text another program produced, fit for one line (:func:`client.one_line`)."""
+    return client.one_line(text, SHOWN)
 
 
 # --------------------------------------------------------------------------------------------------
